@@ -1,0 +1,216 @@
+"""The dead-letter store: every operation that will not be delivered, with its reason.
+
+Entries live in one Redis hash (id -> JSON) indexed by a sorted set (id -> failed_at).
+Adding trims by retention and by size cap in the same script, so the store stays
+bounded however long nobody looks at it. Entries hold the payload needed to replay
+(customer data): it is kept in values only, never in key names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .settings import Settings
+from .store import key, redis_for
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+_ADD = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+-- The entry is stored as the caller encoded it; its time is the index score.
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], t, ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', t - tonumber(ARGV[3]))
+for _, id in ipairs(expired) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if over > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, over - 1)
+  for _, id in ipairs(oldest) do
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+return t
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One operation that was not delivered, and what is needed to replay it."""
+
+    id: str
+    operation: str
+    task_id: str
+    reason: str
+    status: int | None
+    attempts: int
+    failed_at: float
+    args: list[Any] = field(repr=False)
+    kwargs: dict[str, Any] = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The entry without its payload (safe to print)."""
+        d = asdict(self)
+        d.pop("args")
+        d.pop("kwargs")
+        return d
+
+
+class DeadLetters:
+    """List, replay and purge dead letters of one settings' store."""
+
+    def __init__(self, settings: Settings, app: Any = None) -> None:
+        self.settings = settings
+        self.app = app
+        self._items = key(settings, "dlq", "items")
+        self._index = key(settings, "dlq", "index")
+
+    @property
+    def _redis(self) -> Any:
+        return redis_for(self.settings)
+
+    def add(
+        self,
+        *,
+        operation: str,
+        task_id: str,
+        reason: str,
+        status: int | None,
+        attempts: int,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+    ) -> str:
+        entry = {
+            "id": task_id,
+            "operation": operation,
+            "task_id": task_id,
+            "reason": reason,
+            "status": status,
+            "attempts": attempts,
+            "args": list(args),
+            "kwargs": kwargs,
+        }
+        self._redis.eval(
+            _ADD,
+            2,
+            self._items,
+            self._index,
+            task_id,
+            json.dumps(entry, separators=(",", ":")),
+            self.settings.dead_letter_retention,
+            self.settings.dead_letter_max,
+        )
+        return task_id
+
+    def count(self) -> int:
+        return int(self._redis.zcard(self._index))
+
+    def get(self, id: str) -> DeadLetter | None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._items, id)
+        pipe.zscore(self._index, id)
+        raw, score = pipe.execute()
+        return None if raw is None else _decode(raw, score)
+
+    def _iter_ids(
+        self, older_than: float | None, newer_than: float | None
+    ) -> list[tuple[bytes, float]]:
+        now = time.time()
+        hi: float | str = "+inf" if older_than is None else now - older_than
+        lo: float | str = "-inf" if newer_than is None else now - newer_than
+        return list(self._redis.zrangebyscore(self._index, lo, hi, withscores=True))
+
+    def iter(
+        self,
+        operation: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+    ) -> Iterator[DeadLetter]:
+        """Entries oldest first; ``older_than``/``newer_than`` are ages in seconds."""
+        ids = self._iter_ids(older_than, newer_than)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            raws = self._redis.hmget(self._items, [i for i, _ in chunk])
+            for raw, (_, score) in zip(raws, chunk):
+                if raw is None:
+                    continue
+                entry = _decode(raw, score)
+                if operation is None or entry.operation == operation:
+                    yield entry
+
+    def list(
+        self,
+        operation: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int | None = 100,
+    ) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        for entry in self.iter(operation, older_than, newer_than):
+            out.append(entry)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def delete(self, id: str) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hdel(self._items, id)
+        pipe.zrem(self._index, id)
+        removed, _ = pipe.execute()
+        return bool(removed)
+
+    def purge(
+        self,
+        operation: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+    ) -> int:
+        ids = [e.id for e in self.iter(operation, older_than, newer_than)]
+        for id in ids:
+            self.delete(id)
+        return len(ids)
+
+    def replay(
+        self,
+        ids: Iterable[str] | None = None,
+        operation: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+    ) -> int:
+        """Re-enqueue entries (same idempotency key and event id); each is removed once published."""
+        if self.app is None:
+            raise RuntimeError("DeadLetters needs the Celery app to replay")
+        if ids is not None:
+            entries = [e for e in (self.get(i) for i in ids) if e is not None]
+        else:
+            entries = list(self.iter(operation, older_than, newer_than))
+        done = 0
+        for entry in entries:
+            task = self.app.tasks[f"cio_celery.{entry.operation}"]
+            task.apply_async(entry.args, entry.kwargs)
+            self.delete(entry.id)
+            done += 1
+        return done
+
+
+def _decode(raw: bytes, failed_at: float | None) -> DeadLetter:
+    d = json.loads(raw)
+    return DeadLetter(
+        id=d["id"],
+        operation=d["operation"],
+        task_id=d["task_id"],
+        reason=d["reason"],
+        status=d.get("status"),
+        attempts=int(d.get("attempts", 0)),
+        failed_at=float(failed_at or 0.0),
+        args=list(d.get("args") or []),
+        kwargs=dict(d.get("kwargs") or {}),
+    )

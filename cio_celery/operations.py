@@ -1,0 +1,60 @@
+"""What each operation is: which API it uses and how the worker performs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .client import Clients
+
+__all__ = ["APP_OPERATIONS", "EVENT_OPERATIONS", "OPERATIONS", "TRACK_OPERATIONS", "api_of", "perform"]
+
+TRACK_OPERATIONS = (
+    "identify",
+    "track",
+    "track_anonymous",
+    "pageview",
+    "backfill",
+    "delete",
+    "add_device",
+    "delete_device",
+    "suppress",
+    "unsuppress",
+    "merge_customers",
+    "batch",
+)
+APP_OPERATIONS = (
+    "send_email",
+    "send_push",
+    "send_sms",
+    "send_whatsapp",
+    "send_inbox_message",
+    "send_in_app",
+)
+OPERATIONS = TRACK_OPERATIONS + APP_OPERATIONS
+
+# Operations that carry an event id (a ULID): Customer.io drops a repeated one.
+EVENT_OPERATIONS = frozenset({"track", "track_anonymous", "pageview", "backfill"})
+# Index of the `id` parameter in the normalised positional args, where the SDK has one.
+EVENT_ID_ARG = {"track": 3, "track_anonymous": 3}
+
+
+def api_of(operation: str) -> str:
+    """``"track"`` or ``"app"``: which credentials and rate limit an operation uses."""
+    return "app" if operation in APP_OPERATIONS else "track"
+
+
+def perform(
+    clients: Clients, operation: str, args: list[Any], kwargs: dict[str, Any], event_id: str | None
+) -> dict[str, Any]:
+    """Send one operation; returns non-personal facts about the answer."""
+    if operation in APP_OPERATIONS:
+        body = getattr(clients.app, operation)(args[0])
+        return {"delivery_id": body.get("delivery_id")} if isinstance(body, dict) else {}
+    track = clients.track
+    if operation == "pageview":
+        track.pageview_with_id(args[0], args[1], event_id, kwargs)
+    elif operation == "backfill":
+        track.backfill_with_id(args[0], args[1], args[2], event_id, kwargs)
+    else:
+        getattr(track, operation)(*args, **kwargs)
+    return {}

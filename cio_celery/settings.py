@@ -1,0 +1,262 @@
+"""The one settings object: built once from its sources, frozen, validated at start-up.
+
+Sources, lowest precedence first: defaults, environment variables (``CIO_*``), then an
+explicit mapping (the Celery app's ``cio_*`` conf keys, Django's ``CIO_CELERY`` dict or
+Flask's ``CIO_CELERY_*`` keys). Nothing else in the package reads configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigurationError
+
+__all__ = ["SETTINGS", "Setting", "Settings", "build_settings", "configure", "settings_for_app"]
+
+REGION_HOSTS = {
+    "us": ("https://track.customer.io", "https://api.customer.io"),
+    "eu": ("https://track-eu.customer.io", "https://api-eu.customer.io"),
+}
+
+# Celery's Redis transport default; ETA/countdown messages are redelivered after it.
+REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting: its field name, environment variable, default and meaning."""
+
+    name: str
+    env: str
+    default: Any
+    parse: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+
+def _str(v: str) -> str:
+    return v
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true/false")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("site_id", "CIO_SITE_ID", None, _str, "Track API site id (Basic auth user).", secret=True),
+    Setting("track_api_key", "CIO_TRACK_API_KEY", None, _str, "Track API key.", secret=True),
+    Setting("app_api_key", "CIO_APP_API_KEY", None, _str, "App API key (transactional sends).", secret=True),
+    Setting("region", "CIO_REGION", "us", _str, "Account region, `us` or `eu`; picks the API hosts."),
+    Setting(
+        "track_url", "CIO_TRACK_URL", None, _str,
+        "Base URL replacing the region's Track host (`http://127.0.0.1:PORT` for a local fake).",
+    ),
+    Setting("app_url", "CIO_APP_URL", None, _str, "Base URL replacing the region's App API host."),
+    Setting(
+        "redis_url", "CIO_REDIS_URL", None, _str,
+        "Redis for breaker, idempotency, fallback and dead letters; defaults to the broker URL "
+        "when the broker is Redis.",
+    ),
+    Setting("key_prefix", "CIO_KEY_PREFIX", "cio", _str, "Prefix of every Redis key (used as a hash tag)."),
+    Setting("timeout", "CIO_TIMEOUT", 10.0, float, "HTTP timeout in seconds for one Customer.io request."),
+    Setting("queue", "CIO_QUEUE", "cio", _str, "Celery queue the operations are sent to."),
+    Setting(
+        "fallback_queue", "CIO_FALLBACK_QUEUE", "cio.fallback", _str,
+        "Queue that parked operations are released to after an outage.",
+    ),
+    Setting("max_retries", "CIO_MAX_RETRIES", 8, int, "Retries of a transient failure before dead letters."),
+    Setting("retry_backoff_base", "CIO_RETRY_BACKOFF_BASE", 2.0, float, "First backoff ceiling in seconds."),
+    Setting(
+        "retry_backoff_max", "CIO_RETRY_BACKOFF_MAX", 600.0, float,
+        "Cap of the exponential backoff ceiling in seconds (full jitter below it).",
+    ),
+    Setting(
+        "retry_after_max", "CIO_RETRY_AFTER_MAX", 900.0, float,
+        "Longest Retry-After honoured, in seconds; longer ones are cut to this.",
+    ),
+    Setting(
+        "visibility_timeout", "CIO_VISIBILITY_TIMEOUT", None, float,
+        "The broker's visibility timeout; read from `broker_transport_options` when unset. "
+        "Every countdown stays below it.",
+    ),
+    Setting("dead_letter_max", "CIO_DEAD_LETTER_MAX", 100_000, int, "Most dead letters kept (oldest dropped)."),
+    Setting(
+        "dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", 30 * 86400.0, float,
+        "Seconds a dead letter is kept.",
+    ),
+    Setting(
+        "show_args", "CIO_SHOW_ARGS", False, _bool,
+        "Show operation arguments in Flower and logs (off: customer data stays out).",
+    ),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of cio_celery; build it with :func:`build_settings`."""
+
+    site_id: str | None = None
+    track_api_key: str | None = dataclasses.field(default=None, repr=False)
+    app_api_key: str | None = dataclasses.field(default=None, repr=False)
+    region: str = "us"
+    track_url: str | None = None
+    app_url: str | None = None
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    key_prefix: str = "cio"
+    timeout: float = 10.0
+    queue: str = "cio"
+    fallback_queue: str = "cio.fallback"
+    max_retries: int = 8
+    retry_backoff_base: float = 2.0
+    retry_backoff_max: float = 600.0
+    retry_after_max: float = 900.0
+    visibility_timeout: float | None = None
+    dead_letter_max: int = 100_000
+    dead_letter_retention: float = 30 * 86400.0
+    show_args: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def track_base_url(self) -> str:
+        return (self.track_url or REGION_HOSTS[self.region][0]).rstrip("/")
+
+    @property
+    def app_base_url(self) -> str:
+        return (self.app_url or REGION_HOSTS[self.region][1]).rstrip("/")
+
+    @property
+    def max_countdown(self) -> float:
+        """Longest countdown the package schedules: a margin below the visibility timeout.
+
+        Celery's Redis transport holds ETA messages in worker memory and redelivers them
+        when the visibility timeout passes, so a longer countdown runs the task twice.
+        """
+        vt = self.visibility_timeout or REDIS_DEFAULT_VISIBILITY_TIMEOUT
+        return max(1.0, min(vt * 0.9, vt - 60.0))
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(s: Settings) -> None:
+    if s.region not in REGION_HOSTS:
+        raise ConfigurationError("region", f"must be one of {sorted(REGION_HOSTS)}")
+    for name in ("track_url", "app_url"):
+        url = getattr(s, name)
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ConfigurationError(name, "must be an http(s) base URL such as https://host[:port]")
+            if parts.query or parts.fragment:
+                raise ConfigurationError(name, "must not contain a query or fragment")
+    if s.redis_url is not None and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigurationError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    if not s.key_prefix or any(c in s.key_prefix for c in "{} "):
+        raise ConfigurationError("key_prefix", "must be non-empty without braces or spaces")
+    for name in ("timeout", "retry_backoff_base", "retry_backoff_max", "retry_after_max",
+                 "dead_letter_retention"):
+        if not getattr(s, name) > 0:
+            raise ConfigurationError(name, "must be greater than 0")
+    if s.retry_backoff_max < s.retry_backoff_base:
+        raise ConfigurationError("retry_backoff_max", "must be at least retry_backoff_base")
+    if s.max_retries < 0:
+        raise ConfigurationError("max_retries", "must be 0 or more")
+    if s.dead_letter_max < 1:
+        raise ConfigurationError("dead_letter_max", "must be at least 1")
+    if s.visibility_timeout is not None and s.visibility_timeout <= 60:
+        raise ConfigurationError("visibility_timeout", "must be more than 60 seconds")
+    if not s.queue or not s.fallback_queue or s.queue == s.fallback_queue:
+        raise ConfigurationError("fallback_queue", "must be non-empty and differ from queue")
+
+
+def build_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    source: str = "settings",
+) -> Settings:
+    """Build settings from the environment, then ``overrides`` (keys are field names)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        raw = env.get(spec.env)
+        if raw is not None and raw != "":
+            try:
+                values[spec.name] = spec.parse(raw)
+            except ValueError as exc:
+                raise ConfigurationError(spec.env, f"cannot be parsed ({exc.__class__.__name__})") from None
+    for key, value in (overrides or {}).items():
+        if key not in _BY_NAME:
+            raise ConfigurationError(f"{source}.{key}", "is not a cio_celery setting")
+        if value is None:
+            continue
+        spec = _BY_NAME[key]
+        if isinstance(value, str) and spec.parse is not _str:
+            try:
+                value = spec.parse(value)
+            except ValueError:
+                raise ConfigurationError(f"{source}.{key}", "cannot be parsed") from None
+        values[key] = value
+    return Settings(**values)
+
+
+def _celery_overrides(conf: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spec in SETTINGS:
+        value = conf.get(f"cio_{spec.name}")
+        if value is not None:
+            out[spec.name] = value
+    broker_url = conf.get("broker_url") or ""
+    if "redis_url" not in out and isinstance(broker_url, str) and broker_url.split(":", 1)[0] in {
+        "redis", "rediss", "unix",
+    }:
+        out["_broker_redis_url"] = broker_url.split(";")[0]
+    if "visibility_timeout" not in out:
+        opts = conf.get("broker_transport_options") or {}
+        vt = opts.get("visibility_timeout")
+        if vt is not None:
+            out["visibility_timeout"] = float(vt)
+    return out
+
+
+_APP_ATTR = "_cio_celery_settings"
+
+
+def settings_for_app(app: Any) -> Settings:
+    """The app's settings, built on first use from the environment and ``app.conf``."""
+    cached = app.__dict__.get(_APP_ATTR)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    overrides = _celery_overrides(app.conf)
+    broker_redis = overrides.pop("_broker_redis_url", None)
+    settings = build_settings(overrides, source="celery conf cio")
+    if settings.redis_url is None and broker_redis is not None:
+        settings = settings.with_changes(redis_url=broker_redis)
+    app.__dict__[_APP_ATTR] = settings
+    return settings
+
+
+def configure(app: Any, settings: Settings | None = None, **overrides: Any) -> Settings:
+    """Set the app's settings explicitly (Django/Flask integrations and tests use this)."""
+    if settings is None:
+        base = dict(_celery_overrides(app.conf))
+        broker_redis = base.pop("_broker_redis_url", None)
+        base.update(overrides)
+        settings = build_settings(base)
+        if settings.redis_url is None and broker_redis is not None:
+            settings = settings.with_changes(redis_url=broker_redis)
+    app.__dict__[_APP_ATTR] = settings
+    return settings

@@ -1,0 +1,45 @@
+"""The Redis store of one process: connected lazily, never at import, never shared across a fork."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import redis
+
+from .exceptions import ConfigurationError
+from .settings import Settings
+
+__all__ = ["key", "redis_for"]
+
+_lock = threading.Lock()
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def redis_for(settings: Settings) -> redis.Redis:
+    """This process's client for the store; raises ConfigurationError if none is configured."""
+    url = settings.redis_url
+    if not url:
+        raise ConfigurationError(
+            "redis_url", "is not set and the Celery broker is not Redis (set CIO_REDIS_URL)"
+        )
+    k = (os.getpid(), url)
+    client = _clients.get(k)
+    if client is None:
+        with _lock:
+            client = _clients.get(k)
+            if client is None:
+                client = redis.Redis.from_url(
+                    url,
+                    socket_timeout=5.0,
+                    socket_connect_timeout=2.0,
+                    health_check_interval=15,
+                    decode_responses=False,
+                )
+                _clients[k] = client
+    return client
+
+
+def key(settings: Settings, *parts: str) -> str:
+    """A store key; the ``{prefix}`` hash tag keeps all of them in one Redis Cluster slot."""
+    return ":".join(("{" + settings.key_prefix + "}", *parts))

@@ -1,0 +1,389 @@
+"""One Celery task per Customer.io operation, each with the SDK method's own signature.
+
+Producer side (:meth:`CioTask.apply_async`, used by ``delay``, signatures and retries):
+validate and normalise, mint the event id and idempotency key once, hide arguments
+from Flower. Worker side (:meth:`CioTask.deliver`): validate again, call Customer.io
+through our client, retry transient failures with jittered backoff, dead-letter
+permanent ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Reject, Retry
+from celery.utils import uuid
+
+from .backoff import retry_delay
+from .client import clients_for
+from .deadletters import DeadLetters
+from .exceptions import CioError, DeliveryError, PermanentError, TransientError, ValidationError
+from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
+from .settings import Settings, settings_for_app
+from .ulid import new_ulid
+from .validation import normalize
+
+__all__ = [
+    "META_KEY",
+    "CioTask",
+    "add_device",
+    "backfill",
+    "batch",
+    "delete",
+    "delete_device",
+    "identify",
+    "merge_customers",
+    "pageview",
+    "send_email",
+    "send_in_app",
+    "send_inbox_message",
+    "send_push",
+    "send_sms",
+    "send_whatsapp",
+    "suppress",
+    "track",
+    "track_anonymous",
+    "unsuppress",
+]
+
+logger = logging.getLogger("cio_celery")
+
+# Reserved keyword carrying the operation's metadata (idempotency key, event id) through
+# retries, reroutes and dead-letter replays. It never collides with SDK parameters.
+META_KEY = "_cio"
+
+
+def _log(level: int, event: str, task: Task, outcome: str, **extra: Any) -> None:
+    # Structured fields only; never ids, emails or attribute values.
+    fields = {
+        "cio_event": event,
+        "cio_operation": getattr(task, "operation", "?"),
+        "cio_task_id": task.request.id,
+        "cio_attempt": (task.request.retries or 0) + 1,
+        "cio_outcome": outcome,
+        **{f"cio_{k}": v for k, v in extra.items()},
+    }
+    text = " ".join(f"{k[4:]}={v}" for k, v in fields.items() if v is not None)
+    logger.log(level, "cio_celery %s", text, extra=fields)
+
+
+class CioTask(Task):  # type: ignore[misc]
+    """Base class of the operation tasks."""
+
+    operation: str = ""
+    ignore_result = True
+    # The package counts attempts itself (settings.max_retries) and dead-letters at the end.
+    max_retries = None
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = False  # normalize() binds arguments with errors that name the field
+
+    @property
+    def cio_settings(self) -> Settings:
+        return settings_for_app(self.app)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Validate, normalise and publish; raises ValidationError and publishes nothing on bad input.
+
+        ``idempotency_key=...`` (an option, not an argument, so it never collides with
+        attribute names) sets the operation's idempotency key; by default it is the task id.
+        """
+        settings = self.cio_settings
+        kw = dict(kwargs or {})
+        meta = kw.pop(META_KEY, None)
+        caller_key = options.pop("idempotency_key", None)
+        nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
+        nargs_list = list(nargs)
+        if meta is None:
+            task_id = task_id or uuid()
+            if caller_key is not None and (not isinstance(caller_key, str) or not caller_key.strip()):
+                raise ValidationError(self.operation, "idempotency_key", "must be a non-blank string")
+            meta = {"key": caller_key or task_id, "enqueued_at": round(time.time(), 3)}
+            idx = EVENT_ID_ARG.get(self.operation)
+            if idx is not None:
+                while len(nargs_list) <= idx:
+                    nargs_list.append(None)
+                if nargs_list[idx] is None:
+                    nargs_list[idx] = new_ulid()
+            elif self.operation in EVENT_OPERATIONS:
+                meta["event_id"] = new_ulid()
+        elif not isinstance(meta, dict) or not isinstance(meta.get("key"), str):
+            raise ValidationError(self.operation, META_KEY, "is reserved for cio_celery metadata")
+        nkwargs[META_KEY] = meta
+        if not settings.show_args:
+            options.setdefault("argsrepr", f"<{len(nargs_list)} args hidden>")
+            options.setdefault("kwargsrepr", f"<{len(nkwargs) - 1} kwargs hidden>")
+        if "queue" not in options and not self.app.conf.task_routes:
+            options["queue"] = settings.queue
+        return super().apply_async(
+            nargs_list,
+            nkwargs,
+            task_id=task_id,
+            producer=producer,
+            link=link,
+            link_error=link_error,
+            shadow=shadow,
+            **options,
+        )
+
+    # -- worker side -----------------------------------------------------------------
+
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.cio_settings, self.app)
+
+    def _dead_letter(
+        self, reason: str, status: int | None, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        attempts = (self.request.retries or 0) + 1
+        try:
+            self.dead_letters().add(
+                operation=self.operation,
+                task_id=self.request.id,
+                reason=reason,
+                status=status,
+                attempts=attempts,
+                args=list(args),
+                kwargs=dict(kwargs),
+            )
+        except Exception as exc:
+            # The store is unreachable: hand the message back to the broker rather than
+            # drop it (acks_late + Reject(requeue) keeps it).
+            _log(logging.ERROR, "dead_letter_failed", self, "requeued", error=type(exc).__name__)
+            raise Reject(f"dead-letter store unavailable ({type(exc).__name__})", requeue=True) from None
+        _log(logging.ERROR, "dead_lettered", self, "dead_letter", reason=reason, status=status)
+
+    def _missing_credentials(self, settings: Settings) -> str | None:
+        if api_of(self.operation) == "app":
+            return None if settings.app_api_key else "CIO_APP_API_KEY"
+        if not settings.site_id:
+            return "CIO_SITE_ID"
+        return None if settings.track_api_key else "CIO_TRACK_API_KEY"
+
+    def deliver(self, args: Sequence[Any], kwargs: Mapping[str, Any], meta: Mapping[str, Any] | None) -> Any:
+        """Run one attempt of the operation; the body of every operation task."""
+        settings = self.cio_settings
+        op = self.operation
+        replay_kwargs = dict(kwargs)
+        if meta is not None:
+            replay_kwargs[META_KEY] = dict(meta)
+        try:
+            nargs, nkwargs = normalize(op, tuple(args), dict(kwargs))
+        except ValidationError as exc:
+            # A message from an older or foreign producer: retrying cannot fix it.
+            self._dead_letter(f"invalid:{exc.field}", None, args, replay_kwargs)
+            raise PermanentError(op, "invalid_input", detail=str(exc)) from None
+        missing = self._missing_credentials(settings)
+        if missing is not None:
+            self._dead_letter("not_configured", None, nargs, replay_kwargs)
+            raise PermanentError(op, "not_configured", detail=f"{missing} is not set") from None
+        event_id = (meta or {}).get("event_id")
+        try:
+            result = perform(clients_for(settings), op, list(nargs), nkwargs, event_id)
+        except TransientError as exc:
+            exc.for_operation(op)
+            retries = self.request.retries or 0
+            if retries >= settings.max_retries:
+                self._dead_letter(f"retries_exhausted:{exc.reason}", exc.status, nargs, replay_kwargs)
+                raise
+            countdown = retry_delay(
+                retries,
+                base=settings.retry_backoff_base,
+                cap=settings.retry_backoff_max,
+                retry_after=exc.retry_after,
+                retry_after_max=settings.retry_after_max,
+                max_countdown=settings.max_countdown,
+            )
+            _log(logging.WARNING, "retry", self, "retry", reason=exc.reason, countdown=round(countdown, 3))
+            self._retry(countdown, exc, nargs, replay_kwargs)
+        except PermanentError as exc:
+            exc.for_operation(op)
+            self._dead_letter(exc.reason, exc.status, nargs, replay_kwargs)
+            raise
+        except CioError:
+            raise
+        except Exception as exc:
+            # A bug or an unexpected library error: its text may hold payload, so only
+            # its type goes on, and the operation is kept for replay.
+            reason = f"internal:{type(exc).__name__}"
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else None
+            _log(logging.ERROR, "internal_error", self, "dead_letter", error=type(exc).__name__, where=where)
+            self._dead_letter(reason, None, nargs, replay_kwargs)
+            raise PermanentError(op, reason) from None
+        _log(logging.INFO, "delivered", self, "delivered")
+        return {"delivered": True, "attempts": (self.request.retries or 0) + 1, **result}
+
+    def _retry(
+        self, countdown: float, exc: DeliveryError, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        try:
+            raise self.retry(args=list(args), kwargs=dict(kwargs), countdown=countdown, exc=exc)
+        except Retry:
+            raise
+        except Exception as publish_exc:
+            # Celery rejects and loses a message whose retry could not be published.
+            _log(logging.ERROR, "retry_publish_failed", self, "requeued", error=type(publish_exc).__name__)
+            raise Reject("retry could not be published", requeue=True) from None
+
+
+def _task(operation: str) -> Any:
+    return shared_task(bind=True, base=CioTask, name=f"cio_celery.{operation}", operation=operation)
+
+
+@_task("identify")
+def identify(self: CioTask, id: Any, *, _cio: dict[str, Any] | None = None, **attrs: Any) -> Any:
+    """Create or update a person (``PUT /api/v1/customers/{id}``)."""
+    return self.deliver((id,), attrs, _cio)
+
+
+@_task("track")
+def track(
+    self: CioTask,
+    customer_id: Any,
+    name: str,
+    data: dict[str, Any] | None = None,
+    id: str | None = None,
+    timestamp: Any = None,
+    *,
+    _cio: dict[str, Any] | None = None,
+) -> Any:
+    """Send an event for a person; ``id`` (a ULID) is minted at enqueue when not given."""
+    return self.deliver((customer_id, name, data, id, timestamp), {}, _cio)
+
+
+@_task("track_anonymous")
+def track_anonymous(
+    self: CioTask,
+    anonymous_id: Any,
+    name: str,
+    data: dict[str, Any] | None = None,
+    id: str | None = None,
+    timestamp: Any = None,
+    *,
+    _cio: dict[str, Any] | None = None,
+) -> Any:
+    """Send an anonymous event; ``id`` (a ULID) is minted at enqueue when not given."""
+    return self.deliver((anonymous_id, name, data, id, timestamp), {}, _cio)
+
+
+@_task("pageview")
+def pageview(self: CioTask, customer_id: Any, page: str, *, _cio: dict[str, Any] | None = None, **data: Any) -> Any:
+    """Send a page view; it carries an event id minted at enqueue."""
+    return self.deliver((customer_id, page), data, _cio)
+
+
+@_task("backfill")
+def backfill(
+    self: CioTask, customer_id: Any, name: str, timestamp: Any, *, _cio: dict[str, Any] | None = None, **data: Any
+) -> Any:
+    """Send a past event; it carries an event id minted at enqueue."""
+    return self.deliver((customer_id, name, timestamp), data, _cio)
+
+
+@_task("delete")
+def delete(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Delete a person."""
+    return self.deliver((customer_id,), {}, _cio)
+
+
+@_task("add_device")
+def add_device(
+    self: CioTask,
+    customer_id: Any,
+    device_id: Any,
+    platform: str,
+    *,
+    _cio: dict[str, Any] | None = None,
+    **data: Any,
+) -> Any:
+    """Add or update a person's device."""
+    return self.deliver((customer_id, device_id, platform), data, _cio)
+
+
+@_task("delete_device")
+def delete_device(self: CioTask, customer_id: Any, device_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Remove a person's device."""
+    return self.deliver((customer_id, device_id), {}, _cio)
+
+
+@_task("suppress")
+def suppress(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Suppress a person."""
+    return self.deliver((customer_id,), {}, _cio)
+
+
+@_task("unsuppress")
+def unsuppress(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Unsuppress a person."""
+    return self.deliver((customer_id,), {}, _cio)
+
+
+@_task("merge_customers")
+def merge_customers(
+    self: CioTask,
+    primary_id_type: str,
+    primary_id: Any,
+    secondary_id_type: str,
+    secondary_id: Any,
+    *,
+    _cio: dict[str, Any] | None = None,
+) -> Any:
+    """Merge the secondary person into the primary one (id types: id, email, cio_id)."""
+    return self.deliver((primary_id_type, primary_id, secondary_id_type, secondary_id), {}, _cio)
+
+
+@_task("batch")
+def batch(self: CioTask, operations: list[dict[str, Any]], *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send v2 batch operations in one request (``POST /api/v2/batch``)."""
+    return self.deliver((operations,), {}, _cio)
+
+
+@_task("send_email")
+def send_email(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional email (a dict or ``customerio.SendEmailRequest``)."""
+    return self.deliver((request,), {}, _cio)
+
+
+@_task("send_push")
+def send_push(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional push (a dict or ``customerio.SendPushRequest``)."""
+    return self.deliver((request,), {}, _cio)
+
+
+@_task("send_sms")
+def send_sms(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional SMS (a dict or ``customerio.SendSMSRequest``)."""
+    return self.deliver((request,), {}, _cio)
+
+
+@_task("send_whatsapp")
+def send_whatsapp(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional WhatsApp message (a dict or ``customerio.SendWhatsAppRequest``)."""
+    return self.deliver((request,), {}, _cio)
+
+
+@_task("send_inbox_message")
+def send_inbox_message(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional inbox message (a dict or ``customerio.SendInboxMessageRequest``)."""
+    return self.deliver((request,), {}, _cio)
+
+
+@_task("send_in_app")
+def send_in_app(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    """Send a transactional in-app message (a dict or ``customerio.SendInAppRequest``)."""
+    return self.deliver((request,), {}, _cio)
