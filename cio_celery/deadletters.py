@@ -139,7 +139,7 @@ class DeadLetters:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             raws = self._redis.hmget(self._items, [i for i, _ in chunk])
-            for raw, (_, score) in zip(raws, chunk):
+            for raw, (_, score) in zip(raws, chunk, strict=True):
                 if raw is None:
                     continue
                 entry = _decode(raw, score)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry
@@ -160,7 +160,7 @@ class CioTask(Task):  # type: ignore[misc]
                 args=list(args),
                 kwargs=dict(kwargs),
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see the comment below
             # The store is unreachable: hand the message back to the broker rather than
             # drop it (acks_late + Reject(requeue) keeps it).
             _log(logging.ERROR, "dead_letter_failed", self, "requeued", error=type(exc).__name__)
@@ -216,7 +216,7 @@ class CioTask(Task):  # type: ignore[misc]
             raise
         except CioError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see the comment below
             # A bug or an unexpected library error: its text may hold payload, so only
             # its type goes on, and the operation is kept for replay.
             reason = f"internal:{type(exc).__name__}"
@@ -235,14 +235,16 @@ class CioTask(Task):  # type: ignore[misc]
             raise self.retry(args=list(args), kwargs=dict(kwargs), countdown=countdown, exc=exc)
         except Retry:
             raise
-        except Exception as publish_exc:
+        except Exception as publish_exc:  # noqa: BLE001 - anything but Retry means not published
             # Celery rejects and loses a message whose retry could not be published.
             _log(logging.ERROR, "retry_publish_failed", self, "requeued", error=type(publish_exc).__name__)
             raise Reject("retry could not be published", requeue=True) from None
 
 
-def _task(operation: str) -> Any:
-    return shared_task(bind=True, base=CioTask, name=f"cio_celery.{operation}", operation=operation)
+def _task(operation: str) -> Callable[[Callable[..., Any]], CioTask]:
+    """Register ``cio_celery.<operation>`` on every app (shared), typed as a CioTask."""
+    decorator = shared_task(bind=True, base=CioTask, name=f"cio_celery.{operation}", operation=operation)
+    return cast(Callable[[Callable[..., Any]], CioTask], decorator)
 
 
 @_task("identify")
