@@ -94,6 +94,61 @@ SETTINGS: tuple[Setting, ...] = (
         "dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", 30 * 86400.0, float,
         "Seconds a dead letter is kept.",
     ),
+    Setting("breaker_enabled", "CIO_BREAKER_ENABLED", True, _bool, "Guard every call with the shared breaker."),
+    Setting("breaker_window", "CIO_BREAKER_WINDOW", 30.0, float, "Sliding window of the failure rate, seconds."),
+    Setting(
+        "breaker_minimum_calls", "CIO_BREAKER_MINIMUM_CALLS", 20, int,
+        "Calls in the window before the failure rate may trip the breaker.",
+    ),
+    Setting(
+        "breaker_failure_rate", "CIO_BREAKER_FAILURE_RATE", 0.5, float,
+        "Failure rate (0-1] in the window that trips the breaker.",
+    ),
+    Setting(
+        "breaker_consecutive_failures", "CIO_BREAKER_CONSECUTIVE_FAILURES", 10, int,
+        "Consecutive transient failures that trip the breaker whatever the rate.",
+    ),
+    Setting(
+        "breaker_slow_call", "CIO_BREAKER_SLOW_CALL", 0.0, float,
+        "A call slower than this many seconds counts as a failure; 0 turns the rule off.",
+    ),
+    Setting("breaker_open_base", "CIO_BREAKER_OPEN_BASE", 10.0, float, "First open period, seconds."),
+    Setting(
+        "breaker_open_max", "CIO_BREAKER_OPEN_MAX", 300.0, float,
+        "Cap of the open period, which doubles on each repeated trip.",
+    ),
+    Setting(
+        "breaker_open_jitter", "CIO_BREAKER_OPEN_JITTER", 0.2, float,
+        "Up to this fraction is added at random to each open period.",
+    ),
+    Setting(
+        "breaker_half_open_probes", "CIO_BREAKER_HALF_OPEN_PROBES", 2, int,
+        "Probes allowed at once across the cluster in half-open (K).",
+    ),
+    Setting(
+        "breaker_close_after", "CIO_BREAKER_CLOSE_AFTER", 3, int,
+        "Successful probes in a row that close the breaker.",
+    ),
+    Setting(
+        "breaker_probe_lease", "CIO_BREAKER_PROBE_LEASE", None, float,
+        "Seconds a half-open probe permit lives; default: timeout + task_time_limit + 5.",
+    ),
+    Setting(
+        "task_time_limit", "CIO_TASK_TIME_LIMIT", 60.0, float,
+        "Hard time limit of one delivery attempt, seconds (Celery `time_limit` of the tasks).",
+    ),
+    Setting(
+        "breaker_on_store_error", "CIO_BREAKER_ON_STORE_ERROR", "retry", _str,
+        "When Redis cannot be reached: `retry` later without calling Customer.io, or `allow` the call.",
+    ),
+    Setting(
+        "fallback_release_rate", "CIO_FALLBACK_RELEASE_RATE", 50.0, float,
+        "Parked operations released per second once the breaker is closed.",
+    ),
+    Setting(
+        "fallback_release_interval", "CIO_FALLBACK_RELEASE_INTERVAL", 1.0, float,
+        "Seconds between two runs of the fallback releaser in each worker.",
+    ),
     Setting(
         "show_args", "CIO_SHOW_ARGS", False, _bool,
         "Show operation arguments in Flower and logs (off: customer data stays out).",
@@ -125,6 +180,22 @@ class Settings:
     visibility_timeout: float | None = None
     dead_letter_max: int = 100_000
     dead_letter_retention: float = 30 * 86400.0
+    breaker_enabled: bool = True
+    breaker_window: float = 30.0
+    breaker_minimum_calls: int = 20
+    breaker_failure_rate: float = 0.5
+    breaker_consecutive_failures: int = 10
+    breaker_slow_call: float = 0.0
+    breaker_open_base: float = 10.0
+    breaker_open_max: float = 300.0
+    breaker_open_jitter: float = 0.2
+    breaker_half_open_probes: int = 2
+    breaker_close_after: int = 3
+    breaker_probe_lease: float | None = None
+    task_time_limit: float = 60.0
+    breaker_on_store_error: str = "retry"
+    fallback_release_rate: float = 50.0
+    fallback_release_interval: float = 1.0
     show_args: bool = False
 
     def __post_init__(self) -> None:
@@ -147,6 +218,13 @@ class Settings:
         """
         vt = self.visibility_timeout or REDIS_DEFAULT_VISIBILITY_TIMEOUT
         return max(1.0, min(vt * 0.9, vt - 60.0))
+
+    @property
+    def probe_lease(self) -> float:
+        """A half-open permit outlives the HTTP timeout plus the task's time limit."""
+        if self.breaker_probe_lease is not None:
+            return self.breaker_probe_lease
+        return self.timeout + self.task_time_limit + 5.0
 
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -179,6 +257,25 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("dead_letter_max", "must be at least 1")
     if s.visibility_timeout is not None and s.visibility_timeout <= 60:
         raise ConfigurationError("visibility_timeout", "must be more than 60 seconds")
+    for name in ("breaker_window", "breaker_open_base", "breaker_open_max", "task_time_limit",
+                 "fallback_release_rate", "fallback_release_interval"):
+        if not getattr(s, name) > 0:
+            raise ConfigurationError(name, "must be greater than 0")
+    if not 0 < s.breaker_failure_rate <= 1:
+        raise ConfigurationError("breaker_failure_rate", "must be in (0, 1]")
+    for name in ("breaker_minimum_calls", "breaker_consecutive_failures", "breaker_half_open_probes",
+                 "breaker_close_after"):
+        if getattr(s, name) < 1:
+            raise ConfigurationError(name, "must be at least 1")
+    if s.breaker_slow_call < 0 or not 0 <= s.breaker_open_jitter <= 1:
+        raise ConfigurationError("breaker_slow_call" if s.breaker_slow_call < 0 else "breaker_open_jitter",
+                                 "is out of range")
+    if s.breaker_open_max < s.breaker_open_base:
+        raise ConfigurationError("breaker_open_max", "must be at least breaker_open_base")
+    if s.breaker_probe_lease is not None and s.breaker_probe_lease <= s.timeout:
+        raise ConfigurationError("breaker_probe_lease", "must exceed timeout (plus the task time limit)")
+    if s.breaker_on_store_error not in {"retry", "allow"}:
+        raise ConfigurationError("breaker_on_store_error", "must be 'retry' or 'allow'")
     if not s.queue or not s.fallback_queue or s.queue == s.fallback_queue:
         raise ConfigurationError("fallback_queue", "must be non-empty and differ from queue")
 

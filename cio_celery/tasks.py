@@ -15,14 +15,17 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
+import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry
 from celery.utils import uuid
 
 from .backoff import retry_delay
+from .breaker import Breaker, Permit, breaker_for
 from .client import clients_for
 from .deadletters import DeadLetters
 from .exceptions import CioError, DeliveryError, PermanentError, TransientError, ValidationError
+from .fallback import Fallback
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
 from .settings import Settings, settings_for_app
 from .ulid import new_ulid
@@ -192,31 +195,47 @@ class CioTask(Task):  # type: ignore[misc]
             self._dead_letter("not_configured", None, nargs, replay_kwargs)
             raise PermanentError(op, "not_configured", detail=f"{missing} is not set") from None
         event_id = (meta or {}).get("event_id")
+        meta_d = dict(meta or {})
+        retries = self._effective_retries(meta_d)
+        permit: Permit | None = None
+        breaker = breaker_for(settings) if settings.breaker_enabled else None
+        if breaker is not None:
+            try:
+                permit = breaker.acquire()
+            except (redis.RedisError, OSError) as store_exc:
+                if settings.breaker_on_store_error != "allow":
+                    # Never call Customer.io unguarded: try later, without spending an attempt.
+                    meta_d["free"] = int(meta_d.get("free", 0)) + 1
+                    replay_kwargs[META_KEY] = meta_d
+                    _log(logging.WARNING, "store_unavailable", self, "retry", error=type(store_exc).__name__)
+                    err = TransientError(op, "store_unavailable")
+                    self._retry(self._countdown(settings, retries, None), err, nargs, replay_kwargs)
+                permit = None
+            if permit is not None and not permit.allowed:
+                return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
+        started = time.monotonic()
         try:
             result = perform(clients_for(settings), op, list(nargs), nkwargs, event_id)
         except TransientError as exc:
             exc.for_operation(op)
-            retries = self.request.retries or 0
+            # A 429 says "slow down", not "down": it must not trip the breaker.
+            self._record(breaker, permit, "ignore" if exc.status == 429 else "failure")
             if retries >= settings.max_retries:
                 self._dead_letter(f"retries_exhausted:{exc.reason}", exc.status, nargs, replay_kwargs)
                 raise
-            countdown = retry_delay(
-                retries,
-                base=settings.retry_backoff_base,
-                cap=settings.retry_backoff_max,
-                retry_after=exc.retry_after,
-                retry_after_max=settings.retry_after_max,
-                max_countdown=settings.max_countdown,
-            )
+            countdown = self._countdown(settings, retries, exc.retry_after)
             _log(logging.WARNING, "retry", self, "retry", reason=exc.reason, countdown=round(countdown, 3))
             self._retry(countdown, exc, nargs, replay_kwargs)
         except PermanentError as exc:
             exc.for_operation(op)
+            # Customer.io answered: the service is up, whatever it thought of the input.
+            self._record(breaker, permit, "success")
             self._dead_letter(exc.reason, exc.status, nargs, replay_kwargs)
             raise
         except CioError:
             raise
         except Exception as exc:  # noqa: BLE001 - see the comment below
+            self._record(breaker, permit, "ignore")
             # A bug or an unexpected library error: its text may hold payload, so only
             # its type goes on, and the operation is kept for replay.
             reason = f"internal:{type(exc).__name__}"
@@ -225,8 +244,67 @@ class CioTask(Task):  # type: ignore[misc]
             _log(logging.ERROR, "internal_error", self, "dead_letter", error=type(exc).__name__, where=where)
             self._dead_letter(reason, None, nargs, replay_kwargs)
             raise PermanentError(op, reason) from None
+        self._record(breaker, permit, "success", time.monotonic() - started)
         _log(logging.INFO, "delivered", self, "delivered")
-        return {"delivered": True, "attempts": (self.request.retries or 0) + 1, **result}
+        return {"delivered": True, "attempts": retries + 1, **result}
+
+    def _effective_retries(self, meta: Mapping[str, Any]) -> int:
+        """Attempts spent so far: before parking, plus this message's retries, minus free ones."""
+        before = int(meta.get("attempts_before", 0))
+        free = int(meta.get("free", 0))
+        return max(0, before + (self.request.retries or 0) - free)
+
+    @staticmethod
+    def _countdown(settings: Settings, retries: int, retry_after: float | None) -> float:
+        return retry_delay(
+            retries,
+            base=settings.retry_backoff_base,
+            cap=settings.retry_backoff_max,
+            retry_after=retry_after,
+            retry_after_max=settings.retry_after_max,
+            max_countdown=settings.max_countdown,
+        )
+
+    def _record(
+        self, breaker: Breaker | None, permit: Permit | None, outcome: Any, duration: float | None = None
+    ) -> None:
+        if breaker is None or permit is None:
+            return
+        try:
+            breaker.record(permit, outcome, duration=duration)
+        except (redis.RedisError, OSError) as exc:
+            # The outcome is lost to the breaker's statistics; the delivery itself stands.
+            _log(logging.WARNING, "breaker_record_failed", self, "ignored", error=type(exc).__name__)
+
+    def _park(
+        self,
+        settings: Settings,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+        retries: int,
+        permit: Permit,
+    ) -> dict[str, Any]:
+        """Reroute to the fallback store: no call, no attempt spent, no ETA held in memory."""
+        meta = {**meta, "attempts_before": retries, "free": 0}
+        kwargs = {**kwargs, META_KEY: meta}
+        try:
+            depth = Fallback(settings, self.app).park(self.operation, self.request.id, list(args), kwargs)
+        except (redis.RedisError, OSError) as exc:
+            _log(logging.ERROR, "park_failed", self, "requeued", error=type(exc).__name__)
+            raise Reject("fallback store unavailable", requeue=True) from None
+        _log(logging.INFO, "parked", self, "parked", depth=depth,
+             breaker_retry_after=round(permit.retry_after, 3))
+        self._send_event("task-cio-rerouted", depth=depth)
+        return {"parked": True}
+
+    def _send_event(self, type_: str, **fields: Any) -> None:
+        if not self.app.conf.worker_send_task_events:
+            return
+        try:
+            self.send_event(type_, **fields)
+        except Exception:  # noqa: BLE001, S110 - monitoring must never break a delivery
+            pass
 
     def _retry(
         self, countdown: float, exc: DeliveryError, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -389,3 +467,4 @@ def send_inbox_message(self: CioTask, request: Any, *, _cio: dict[str, Any] | No
 def send_in_app(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
     """Send a transactional in-app message (a dict or ``customerio.SendInAppRequest``)."""
     return self.deliver((request,), {}, _cio)
+from . import worker as _worker  # noqa: E402,F401  (connects the worker signals)

@@ -1,0 +1,452 @@
+"""One circuit breaker for the whole cluster, its state in Redis, every decision one Lua script.
+
+pybreaker's ``CircuitRedisStorage`` decides in each process (INCR then GET, unconditional
+SETs, the worker's own clock): several processes probe at once and a stale success resets
+the counters. Here each decision is a single script run by Redis, time comes from Redis
+``TIME``, every key shares one hash tag (Redis Cluster), a generation number makes a late
+result from an older state harmless, and half-open probes are expiring leases so a killed
+worker cannot wedge the breaker.
+
+Trip rule (as resilience4j / Polly): failure rate over a sliding time window once a
+minimum number of calls was seen, or a run of consecutive failures. Only transient
+outcomes are failures; a permanent 4xx is a success (the service answered) and a 429 is
+ignored (it says "slow down", not "down").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .exceptions import CircuitOpenError
+from .settings import Settings
+from .store import key, redis_for
+
+__all__ = ["Breaker", "BreakerStatus", "Permit", "State", "add_listener", "breaker_for"]
+
+logger = logging.getLogger("cio_celery.breaker")
+
+Outcome = Literal["success", "failure", "ignore"]
+_STATE_NAMES = {0: "closed", 1: "open", 2: "half-open"}
+
+_NOW = """
+local function now_t(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: state, permits. ARGV: token, lease, clock override, permits allowed.
+_ACQUIRE = _NOW + """
+local now = now_t(ARGV[3])
+local h = KEYS[1]
+local st = tonumber(redis.call('HGET', h, 'st') or '0')
+local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
+local changed = ''
+if st == 0 then return {'allow', tostring(gen), '0', changed} end
+if st == 1 then
+  local untl = tonumber(redis.call('HGET', h, 'until') or '0')
+  if redis.call('HGET', h, 'forced') == '1' then return {'reject', tostring(gen), '-1', changed} end
+  if now < untl then return {'reject', tostring(gen), tostring(untl - now), changed} end
+  gen = gen + 1
+  redis.call('HSET', h, 'st', 2, 'gen', gen, 'hs', 0)
+  redis.call('DEL', KEYS[2])
+  changed = 'open>half-open'
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  return {'probe', tostring(gen), '0', changed}
+end
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {'reject', tostring(gen), tostring(math.max(0.05, tonumber(first[2]) - now)), changed}
+"""
+
+# KEYS: state, permits, window. ARGV: outcome (s/f/i), generation, token, clock override,
+# bucket seconds, bucket count, minimum calls, failure rate, consecutive failures,
+# open base, open max, jitter fraction, random in [0,1), successes to close.
+_RECORD = _NOW + """
+local now = now_t(ARGV[4])
+local h, permits, win = KEYS[1], KEYS[2], KEYS[3]
+local outcome = ARGV[1]
+local st = tonumber(redis.call('HGET', h, 'st') or '0')
+local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
+local function trip()
+  local closed_at = tonumber(redis.call('HGET', h, 'closed_at') or '0')
+  local trips = tonumber(redis.call('HGET', h, 'trips') or '0')
+  -- A breaker that stayed closed long enough forgets earlier trips.
+  if st == 0 and now - closed_at > 2 * tonumber(ARGV[11]) then trips = 0 end
+  trips = trips + 1
+  local dur = math.min(tonumber(ARGV[11]), tonumber(ARGV[10]) * 2 ^ (trips - 1))
+  dur = dur * (1 + tonumber(ARGV[12]) * tonumber(ARGV[13]))
+  gen = gen + 1
+  redis.call('HSET', h, 'st', 1, 'gen', gen, 'until', now + dur, 'opened_at', now, 'trips', trips,
+             'cons', 0, 'hs', 0, 'forced', 0)
+  redis.call('DEL', win, permits)
+  return dur
+end
+if tonumber(ARGV[2]) ~= gen then
+  if ARGV[3] ~= '' then redis.call('ZREM', permits, ARGV[3]) end
+  return {'stale', tostring(gen), ''}
+end
+if st == 0 then
+  if outcome == 'i' then return {'ok', tostring(gen), ''} end
+  local bsize = tonumber(ARGV[5])
+  local nb = tonumber(ARGV[6])
+  local b = math.floor(now / bsize)
+  redis.call('HINCRBY', win, 'c' .. b, 1)
+  local cons = 0
+  if outcome == 'f' then
+    redis.call('HINCRBY', win, 'f' .. b, 1)
+    cons = redis.call('HINCRBY', h, 'cons', 1)
+  else
+    redis.call('HSET', h, 'cons', 0)
+  end
+  redis.call('PEXPIRE', win, math.ceil(bsize * (nb + 1) * 1000))
+  if outcome ~= 'f' then return {'ok', tostring(gen), ''} end
+  local calls, fails = 0, 0
+  local flat = redis.call('HGETALL', win)
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], tonumber(flat[i + 1])
+    local fb = tonumber(string.sub(f, 2))
+    if fb <= b - nb then
+      redis.call('HDEL', win, f)
+    elseif string.sub(f, 1, 1) == 'c' then
+      calls = calls + v
+    else
+      fails = fails + v
+    end
+  end
+  if cons >= tonumber(ARGV[9]) or (calls >= tonumber(ARGV[7]) and fails >= tonumber(ARGV[8]) * calls) then
+    local dur = trip()
+    return {'closed>open', tostring(gen), tostring(dur)}
+  end
+  return {'ok', tostring(gen), ''}
+end
+if st == 2 then
+  if ARGV[3] == '' or redis.call('ZREM', permits, ARGV[3]) == 0 then
+    return {'stale', tostring(gen), ''}
+  end
+  if outcome == 'i' then return {'ok', tostring(gen), ''} end
+  if outcome == 's' then
+    local hs = redis.call('HINCRBY', h, 'hs', 1)
+    if hs >= tonumber(ARGV[14]) then
+      gen = gen + 1
+      redis.call('HSET', h, 'st', 0, 'gen', gen, 'cons', 0, 'hs', 0, 'closed_at', now, 'forced', 0)
+      redis.call('DEL', win, permits)
+      return {'half-open>closed', tostring(gen), ''}
+    end
+    return {'ok', tostring(gen), ''}
+  end
+  local dur = trip()
+  return {'half-open>open', tostring(gen), tostring(dur)}
+end
+return {'stale', tostring(gen), ''}
+"""
+
+# KEYS: state, permits, window. ARGV: mode (open/close/reset), clock override, open seconds.
+_FORCE = _NOW + """
+local now = now_t(ARGV[2])
+local h = KEYS[1]
+local st = tonumber(redis.call('HGET', h, 'st') or '0')
+local gen = tonumber(redis.call('HGET', h, 'gen') or '0') + 1
+redis.call('DEL', KEYS[2], KEYS[3])
+local new = 0
+if ARGV[1] == 'open' then
+  local forced = 1
+  local untl = now + 315360000
+  if ARGV[3] ~= '' then forced = 0; untl = now + tonumber(ARGV[3]) end
+  redis.call('HSET', h, 'st', 1, 'gen', gen, 'until', untl, 'opened_at', now, 'forced', forced,
+             'cons', 0, 'hs', 0)
+  new = 1
+elseif ARGV[1] == 'close' then
+  redis.call('HSET', h, 'st', 0, 'gen', gen, 'cons', 0, 'hs', 0, 'forced', 0, 'closed_at', now)
+else
+  redis.call('DEL', h)
+  redis.call('HSET', h, 'st', 0, 'gen', gen, 'closed_at', now)
+end
+return {tostring(st), tostring(new), tostring(gen)}
+"""
+
+# KEYS: state, permits, window. ARGV: clock override, bucket seconds, bucket count.
+_STATUS = _NOW + """
+local now = now_t(ARGV[1])
+local h = KEYS[1]
+local st = tonumber(redis.call('HGET', h, 'st') or '0')
+local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
+local untl = tonumber(redis.call('HGET', h, 'until') or '0')
+local forced = redis.call('HGET', h, 'forced') == '1'
+local left = 0
+if st == 1 then
+  if forced then left = -1 else left = math.max(0, untl - now) end
+end
+local b = math.floor(now / tonumber(ARGV[2]))
+local calls, fails = 0, 0
+local flat = redis.call('HGETALL', KEYS[3])
+for i = 1, #flat, 2 do
+  local f, v = flat[i], tonumber(flat[i + 1])
+  if tonumber(string.sub(f, 2)) > b - tonumber(ARGV[3]) then
+    if string.sub(f, 1, 1) == 'c' then calls = calls + v else fails = fails + v end
+  end
+end
+local probes = redis.call('ZCOUNT', KEYS[2], now, '+inf')
+return {tostring(st), tostring(gen), tostring(left), redis.call('HGET', h, 'trips') or '0',
+        redis.call('HGET', h, 'cons') or '0', tostring(calls), tostring(fails), tostring(probes),
+        tostring(now)}
+"""
+
+
+@dataclass(frozen=True)
+class State:
+    """A state as pybreaker's listeners see it (they read ``.name``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Permit:
+    """The answer of :meth:`Breaker.acquire`: allowed, probing, or rejected with time left."""
+
+    decision: Literal["allow", "probe", "reject"]
+    generation: int
+    token: str = ""
+    retry_after: float = 0.0  # seconds; -1 when opened by hand (no automatic end)
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision != "reject"
+
+
+@dataclass(frozen=True)
+class BreakerStatus:
+    """A read of the shared state; ``time_left`` is -1 when opened by hand."""
+
+    name: str
+    state: str
+    generation: int
+    time_left: float
+    trips: int
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    probes_in_flight: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Breaker:
+    """The cluster-wide breaker guarding Customer.io, shared by every process through Redis."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str = "customerio",
+        listeners: Iterable[Any] = (),
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self._listeners: list[Any] = list(listeners)
+        # Tests drive time explicitly; in production Redis TIME is the only clock.
+        self._clock = clock
+        self._rng = rng or random.Random()
+        base = key(settings, "breaker", name)
+        self._keys3 = [base, f"{base}:permits", f"{base}:window"]
+        self._bucket = max(0.1, settings.breaker_window / 10.0)
+        self._buckets = 10
+
+    # -- pybreaker-compatible surface --------------------------------------------------
+
+    @property
+    def listeners(self) -> tuple[Any, ...]:
+        return tuple(self._listeners)
+
+    def add_listener(self, listener: Any) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        self._listeners.remove(listener)
+
+    @property
+    def current_state(self) -> str:
+        return self.status().state
+
+    def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """pybreaker-style call: raises CircuitOpenError when not allowed; any exception is a failure."""
+        permit = self.acquire()
+        if not permit.allowed:
+            raise CircuitOpenError(self.name, None if permit.retry_after < 0 else permit.retry_after)
+        for listener in self._listeners:
+            _notify(listener, "before_call", self, func, *args, **kwargs)
+        start = time.monotonic()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self.record(permit, "failure", exc=exc)
+            raise
+        self.record(permit, "success", duration=time.monotonic() - start)
+        return result
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _now_arg(self) -> str:
+        return "" if self._clock is None else repr(self._clock())
+
+    @property
+    def _redis(self) -> Any:
+        return redis_for(self.settings)
+
+    def acquire(self) -> Permit:
+        """Ask to call Customer.io: allow (closed), probe (a half-open lease) or reject."""
+        s = self.settings
+        token = secrets.token_hex(8)
+        res = self._redis.eval(
+            _ACQUIRE, 2, self._keys3[0], self._keys3[1],
+            token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes,
+        )
+        decision, gen, retry_after, changed = (_s(x) for x in res)
+        if changed:
+            self._announce(changed)
+        return Permit(
+            decision=decision,  # type: ignore[arg-type]
+            generation=int(gen),
+            token=token if decision == "probe" else "",
+            retry_after=float(retry_after),
+        )
+
+    def record(
+        self,
+        permit: Permit,
+        outcome: Outcome,
+        duration: float | None = None,
+        exc: BaseException | None = None,
+    ) -> str:
+        """Report a call's outcome; returns the transition it caused, ``"ok"`` or ``"stale"``."""
+        s = self.settings
+        if (
+            outcome == "success"
+            and duration is not None
+            and s.breaker_slow_call > 0
+            and duration >= s.breaker_slow_call
+        ):
+            outcome = "failure"
+        code = {"success": "s", "failure": "f", "ignore": "i"}[outcome]
+        res = self._redis.eval(
+            _RECORD, 3, *self._keys3,
+            code, permit.generation, permit.token, self._now_arg(),
+            self._bucket, self._buckets, s.breaker_minimum_calls, s.breaker_failure_rate,
+            s.breaker_consecutive_failures, s.breaker_open_base, s.breaker_open_max,
+            s.breaker_open_jitter, self._rng.random(), s.breaker_close_after,
+        )
+        result = _s(res[0])
+        if outcome == "failure":
+            for listener in self._listeners:
+                _notify(listener, "failure", self, exc)
+        elif outcome == "success":
+            for listener in self._listeners:
+                _notify(listener, "success", self)
+        if ">" in result:
+            self._announce(result, open_for=_s(res[2]))
+        return result
+
+    def status(self) -> BreakerStatus:
+        res = self._redis.eval(
+            _STATUS, 3, *self._keys3, self._now_arg(), self._bucket, self._buckets
+        )
+        st, gen, left, trips, cons, calls, fails, probes, _now = (_s(x) for x in res)
+        return BreakerStatus(
+            name=self.name,
+            state=_STATE_NAMES[int(st)],
+            generation=int(gen),
+            time_left=float(left),
+            trips=int(trips),
+            consecutive_failures=int(cons),
+            window_calls=int(calls),
+            window_failures=int(fails),
+            probes_in_flight=int(probes),
+        )
+
+    def open(self, duration: float | None = None) -> None:
+        """Open by hand: until :meth:`close`/:meth:`reset`, or for ``duration`` seconds."""
+        self._force("open", "" if duration is None else repr(float(duration)))
+
+    def close(self) -> None:
+        """Close by hand, forgetting the window and any half-open probes."""
+        self._force("close", "")
+
+    def reset(self) -> None:
+        """Forget everything, trips included (the generation still moves on)."""
+        self._force("reset", "")
+
+    def _force(self, mode: str, duration: str) -> None:
+        old, new, _gen = (_s(x) for x in self._redis.eval(_FORCE, 3, *self._keys3, mode, self._now_arg(), duration))
+        new_name = "open" if new == "1" else "closed"
+        old_name = _STATE_NAMES[int(old)]
+        if old_name != new_name:
+            self._announce(f"{old_name}>{new_name}", manual=True)
+
+    # -- announcements -----------------------------------------------------------------
+
+    def _announce(self, transition: str, open_for: str = "", manual: bool = False) -> None:
+        """Called only in the process whose script made the change: once for the cluster."""
+        old, new = transition.split(">")
+        extra = {"cio_event": "breaker_state", "cio_breaker": self.name, "cio_old_state": old,
+                 "cio_new_state": new, "cio_manual": manual}
+        text = f"cio_celery breaker {self.name}: {old} -> {new}"
+        if open_for:
+            extra["cio_open_for"] = round(float(open_for), 3)
+            text += f" for {float(open_for):.1f}s"
+        if manual:
+            text += " (by hand)"
+        logger.warning(text, extra=extra)
+        for listener in self._listeners:
+            _notify(listener, "state_change", self, State(old), State(new))
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _notify(listener: Any, method: str, *args: Any, **kwargs: Any) -> None:
+    fn = getattr(listener, method, None)
+    if fn is None:
+        return
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        logger.exception("cio_celery breaker listener %s.%s failed", type(listener).__name__, method)
+
+
+_global_listeners: list[Any] = []
+_cache_lock = threading.Lock()
+_breakers: dict[tuple[int, int], Breaker] = {}
+
+
+def add_listener(listener: Any) -> None:
+    """Register a pybreaker ``CircuitBreakerListener`` on every breaker of this process."""
+    _global_listeners.append(listener)
+    for b in list(_breakers.values()):
+        b.add_listener(listener)
+
+
+def breaker_for(settings: Settings) -> Breaker:
+    """This process's breaker object for ``settings`` (the state itself lives in Redis)."""
+    k = (os.getpid(), id(settings))
+    found = _breakers.get(k)
+    if found is None:
+        with _cache_lock:
+            found = _breakers.get(k)
+            if found is None:
+                found = Breaker(settings, listeners=_global_listeners)
+                _breakers[k] = found
+    return found

@@ -1,0 +1,153 @@
+"""The delayed fallback store: operations parked in Redis while the breaker refuses calls.
+
+Parking keeps an outage out of worker memory (no ETA messages held for its length) and
+out of the retry budget. One releaser at a time (a Redis lease) moves parked operations
+to the ``cio.fallback`` queue, oldest first, at a bounded rate, once the breaker allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from typing import Any
+
+from .breaker import Breaker
+from .settings import Settings
+from .store import key, redis_for
+
+__all__ = ["Fallback", "Releaser"]
+
+logger = logging.getLogger("cio_celery.fallback")
+
+# Renew the lease only if we still hold it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Fallback:
+    """Park, count and release operations (FIFO) for one settings' store."""
+
+    def __init__(self, settings: Settings, app: Any = None) -> None:
+        self.settings = settings
+        self.app = app
+        self._list = key(settings, "fallback", "ops")
+        self._lock = key(settings, "fallback", "releaser")
+
+    @property
+    def _redis(self) -> Any:
+        return redis_for(self.settings)
+
+    def park(self, operation: str, task_id: str, args: list[Any], kwargs: dict[str, Any]) -> int:
+        """Append one operation (with its metadata in kwargs); returns the new depth."""
+        entry = json.dumps(
+            {"operation": operation, "task_id": task_id, "args": args, "kwargs": kwargs},
+            separators=(",", ":"),
+        )
+        return int(self._redis.rpush(self._list, entry))
+
+    def depth(self) -> int:
+        return int(self._redis.llen(self._list))
+
+    def release(self, limit: int) -> int:
+        """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
+
+        Entries are removed only after they were published; a crash in between publishes
+        them twice, which the idempotency claim turns into one delivery.
+        """
+        if limit <= 0:
+            return 0
+        if self.app is None:
+            raise RuntimeError("Fallback needs the Celery app to release")
+        raws = self._redis.lrange(self._list, 0, limit - 1)
+        done = 0
+        try:
+            for raw in raws:
+                entry = json.loads(raw)
+                task = self.app.tasks[f"cio_celery.{entry['operation']}"]
+                task.apply_async(
+                    entry["args"], entry["kwargs"], task_id=entry["task_id"],
+                    queue=self.settings.fallback_queue,
+                )
+                done += 1
+        finally:
+            if done:
+                self._redis.ltrim(self._list, done, -1)
+        return done
+
+    def acquire_lease(self, token: str, ttl: float) -> bool:
+        return bool(self._redis.eval(_RENEW, 1, self._lock, token, int(ttl * 1000)))
+
+    def drop_lease(self, token: str) -> None:
+        self._redis.eval(_RELEASE_LOCK, 1, self._lock, token)
+
+    def release_allowed(self, breaker: Breaker | None) -> int:
+        """How many to release now: the rate when closed, K probes when due, none while open."""
+        s = self.settings
+        per_tick = max(1, int(s.fallback_release_rate * s.fallback_release_interval))
+        if breaker is None:
+            return per_tick
+        status = breaker.status()
+        if status.state == "closed":
+            return per_tick
+        if status.state == "half-open" or (status.state == "open" and status.time_left == 0):
+            return max(0, s.breaker_half_open_probes - status.probes_in_flight)
+        return 0
+
+
+class Releaser:
+    """A daemon thread in each worker; the Redis lease lets one of them release at a time."""
+
+    def __init__(self, fallback: Fallback, breaker: Breaker | None) -> None:
+        self.fallback = fallback
+        self.breaker = breaker
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.released = 0
+
+    def tick(self) -> int:
+        """One round: hold the lease, release what the breaker allows; returns how many."""
+        interval = self.fallback.settings.fallback_release_interval
+        if not self.fallback.acquire_lease(self.token, max(3 * interval, 5.0)):
+            return 0
+        if self.fallback.depth() == 0:
+            return 0
+        n = self.fallback.release(self.fallback.release_allowed(self.breaker))
+        self.released += n
+        if n:
+            logger.info("cio_celery fallback released %d operations", n,
+                        extra={"cio_event": "fallback_released", "cio_count": n})
+        return n
+
+    def run(self) -> None:
+        interval = self.fallback.settings.fallback_release_interval
+        while not self._stop.wait(interval):
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the store may be down; try again next tick
+                logger.warning("cio_celery fallback releaser: %s", type(exc).__name__)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="cio-fallback-releaser", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        try:
+            self.fallback.drop_lease(self.token)
+        except Exception:  # noqa: BLE001, S110 - best effort: the lease expires anyway
+            pass

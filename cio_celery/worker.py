@@ -1,0 +1,49 @@
+"""Worker-side wiring: start the fallback releaser in every worker, stop it on shutdown."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from .breaker import breaker_for
+from .fallback import Fallback, Releaser
+from .settings import settings_for_app
+
+__all__ = ["releaser_of"]
+
+logger = logging.getLogger("cio_celery.worker")
+
+_RELEASERS: dict[int, Releaser] = {}
+
+
+def releaser_of(app: Any) -> Releaser | None:
+    """The running releaser of ``app`` in this process, if any."""
+    return _RELEASERS.get(id(app))
+
+
+@signals.worker_ready.connect(weak=False)
+def _start_releaser(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or id(app) in _RELEASERS:
+        return
+    try:
+        settings = settings_for_app(app)
+        if not settings.redis_url:
+            logger.warning("cio_celery: no store configured (CIO_REDIS_URL); fallback releaser not started")
+            return
+        breaker = breaker_for(settings) if settings.breaker_enabled else None
+        releaser = Releaser(Fallback(settings, app), breaker)
+        releaser.start()
+        _RELEASERS[id(app)] = releaser
+    except Exception as exc:  # noqa: BLE001 - never prevent a worker from starting
+        logger.error("cio_celery: fallback releaser not started: %s", exc)
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_releaser(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    releaser = _RELEASERS.pop(id(app), None) if app is not None else None
+    if releaser is not None:
+        releaser.stop()
