@@ -255,8 +255,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("max_retries", "must be 0 or more")
     if s.dead_letter_max < 1:
         raise ConfigurationError("dead_letter_max", "must be at least 1")
-    if s.visibility_timeout is not None and s.visibility_timeout <= 60:
-        raise ConfigurationError("visibility_timeout", "must be more than 60 seconds")
+    if s.visibility_timeout is not None and s.visibility_timeout < 2:
+        raise ConfigurationError("visibility_timeout", "must be at least 2 seconds")
     for name in ("breaker_window", "breaker_open_base", "breaker_open_max", "task_time_limit",
                  "fallback_release_rate", "fallback_release_interval"):
         if not getattr(s, name) > 0:

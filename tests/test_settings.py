@@ -54,7 +54,7 @@ def test_settings_are_frozen() -> None:
         ({"timeout": 0}, {}, "timeout"),
         ({"max_retries": -1}, {}, "max_retries"),
         ({"retry_backoff_base": 10, "retry_backoff_max": 1}, {}, "retry_backoff_max"),
-        ({"visibility_timeout": 30}, {}, "visibility_timeout"),
+        ({"visibility_timeout": 1}, {}, "visibility_timeout"),
         ({"fallback_queue": "cio"}, {}, "fallback_queue"),
         ({"key_prefix": "a{b}"}, {}, "key_prefix"),
         ({}, {"CIO_TIMEOUT": "fast"}, "CIO_TIMEOUT"),
@@ -99,3 +99,11 @@ def test_a_non_redis_broker_leaves_the_store_unset(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("CIO_REDIS_URL", raising=False)
     app = Celery("t", broker="amqp://guest@127.0.0.1//", set_as_current=False)
     assert settings_for_app(app).redis_url is None
+
+
+def test_every_setting_is_in_the_configuration_reference() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in text or f"`{s.env}`" not in text]
+    assert missing == []
