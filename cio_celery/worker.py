@@ -23,7 +23,6 @@ def releaser_of(app: Any) -> Releaser | None:
     return _RELEASERS.get(id(app))
 
 
-@signals.worker_ready.connect(weak=False)
 def _start_releaser(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is None or id(app) in _RELEASERS:
@@ -41,9 +40,12 @@ def _start_releaser(sender: Any = None, **_: Any) -> None:
         logger.error("cio_celery: fallback releaser not started: %s", exc)
 
 
-@signals.worker_shutdown.connect(weak=False)
 def _stop_releaser(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     releaser = _RELEASERS.pop(id(app), None) if app is not None else None
     if releaser is not None:
         releaser.stop()
+
+
+signals.worker_ready.connect(_start_releaser, weak=False)
+signals.worker_shutdown.connect(_stop_releaser, weak=False)

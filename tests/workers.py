@@ -28,7 +28,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, broker_url: str, timeout: float = 30.0) -> WorkerProcess:
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-P", "prefork",
              "-c", str(self.concurrency), "-Q", self.queues, "-n", f"{self.name}@%h", "--loglevel", "INFO",
