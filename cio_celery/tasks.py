@@ -22,6 +22,7 @@ from celery.utils import uuid
 
 from .backoff import retry_delay
 from .breaker import Breaker, Permit, breaker_for
+from .breaker import add_listener as add_breaker_listener
 from .client import clients_for
 from .deadletters import DeadLetters
 from .exceptions import CioError, DeliveryError, PermanentError, TransientError, ValidationError
@@ -169,6 +170,7 @@ class CioTask(Task):  # type: ignore[misc]
             _log(logging.ERROR, "dead_letter_failed", self, "requeued", error=type(exc).__name__)
             raise Reject(f"dead-letter store unavailable ({type(exc).__name__})", requeue=True) from None
         _log(logging.ERROR, "dead_lettered", self, "dead_letter", reason=reason, status=status)
+        self._send_event("task-cio-dead-lettered", reason=reason, status=status)
 
     def _missing_credentials(self, settings: Settings) -> str | None:
         if api_of(self.operation) == "app":
@@ -317,6 +319,25 @@ class CioTask(Task):  # type: ignore[misc]
             # Celery rejects and loses a message whose retry could not be published.
             _log(logging.ERROR, "retry_publish_failed", self, "requeued", error=type(publish_exc).__name__)
             raise Reject("retry could not be published", requeue=True) from None
+
+
+class _CeleryEventListener:
+    """Sends each breaker transition as a Celery event from the task that caused it.
+
+    Flower counts custom ``task-*`` events by type in ``flower_events_total``.
+    """
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        from celery import current_task
+
+        task = current_task
+        if isinstance(task, CioTask):
+            task._send_event(
+                f"task-cio-breaker-{new_state.name}", old_state=old_state.name, new_state=new_state.name
+            )
+
+
+add_breaker_listener(_CeleryEventListener())
 
 
 def _task(operation: str) -> Callable[[Callable[..., Any]], CioTask]:

@@ -3,6 +3,8 @@ every operation delivered once after recovery."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,7 +43,7 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
     flush(broker_url)
     flush(store_url)
     fake = FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak").start()
-    env = worker_env(fake, broker_url, store_url, **BREAKER_ENV)
+    env = worker_env(fake, broker_url, store_url, CIO_TEST_EVENTS="1", **BREAKER_ENV)
     producer = Celery("producer", broker=broker_url, set_as_current=False)
     producer.conf.update({k.lower(): v for k, v in env.items() if k.startswith("CIO_")})
     producer.loader.import_default_modules()
@@ -49,11 +51,27 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
     import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
 
     producer.finalize(auto=True)
+    events: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def capture() -> None:
+        with producer.connection_for_read() as conn:
+            receiver = producer.events.Receiver(conn, handlers={"*": events.append})
+            while not stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                except (TimeoutError, OSError, socket.timeout):
+                    continue
+
+    listener = threading.Thread(target=capture, daemon=True)
+    listener.start()
     worker = WorkerProcess(env, concurrency=4, name="breaker").start(broker_url)
     try:
-        yield {"fake": fake, "producer": producer, "worker": worker, "store_url": store_url}
+        yield {"fake": fake, "producer": producer, "worker": worker, "store_url": store_url, "events": events}
     finally:
         worker.stop()
+        stop.set()
+        listener.join(5)
         fake.stop()
 
 
@@ -111,6 +129,13 @@ def test_dead_upstream_trips_once_for_the_cluster_and_everything_is_delivered_on
     assert len([r for r in fake.requests if r.status == 200]) == n_ops, "no duplicate accepted requests"
     assert breaker.status().state == "closed"
     assert fallback.depth() == 0
+    types = [e["type"] for e in cluster["events"]]
+    # Each transition is announced once for the cluster, by the process that made it.
+    final_trips = breaker.status().trips  # trips are remembered after closing
+    assert types.count("task-cio-breaker-open") == final_trips
+    assert types.count("task-cio-breaker-half-open") == final_trips
+    assert types.count("task-cio-breaker-closed") == 1
+    assert types.count("task-cio-rerouted") >= parked
     print(f"\nbreaker cluster: requests before trip={requests_at_trip}, during outage={requests_during_outage}, "
           f"trips={trips}, probes/half-open<={max_probes_per_half_open:.2f}, parked peak>={parked}, "
           f"applied={len(applied)}")

@@ -155,3 +155,32 @@ def test_other_4xx_are_permanent(worker_app: Any, fake: FakeCustomerIO, status: 
     wait_until(lambda: store.count() == 1, what="a dead letter")
     assert store.list()[0].status == status
     assert len(fake.requests) == 1
+
+
+def test_a_message_that_fails_validation_on_the_worker_goes_to_dead_letters(
+    worker_app: Any, fake: FakeCustomerIO
+) -> None:
+    # send_task bypasses the producer-side checks, like a message from an older producer.
+    worker_app.send_task("cio_celery.track", args=["", "signed_up"], kwargs={"_cio": {"key": "k1"}}, queue="cio")
+    store = dlq(worker_app)
+    wait_until(lambda: store.count() == 1, what="a dead letter")
+    [entry] = store.list()
+    assert entry.reason == "invalid:customer_id"
+    assert entry.attempts == 1
+    assert fake.requests == []
+
+
+def test_missing_credentials_on_the_worker_dead_letter_with_the_setting_name(
+    worker_app: Any, fake: FakeCustomerIO, all_logs: RecordingHandler
+) -> None:
+    configure(worker_app, app_api_key=None)
+    # The producer shares the app here; clear the key only for the worker's settings object.
+    settings = settings_for_app(worker_app)
+    if settings.app_api_key:
+        pytest.skip("the environment provides CIO_APP_API_KEY")
+    cio_celery.send_sms.delay({"transactional_message_id": 1, "identifiers": {"id": "u1"}})
+    store = dlq(worker_app)
+    wait_until(lambda: store.count() == 1, what="a dead letter")
+    assert store.list()[0].reason == "not_configured"
+    assert fake.requests == []
+    assert any("CIO_APP_API_KEY is not set" in t for t in all_logs.texts)
