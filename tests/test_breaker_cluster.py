@@ -3,7 +3,6 @@ every operation delivered once after recovery."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -60,7 +59,7 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
             while not stop.is_set():
                 try:
                     receiver.capture(limit=None, timeout=0.5, wakeup=False)
-                except (TimeoutError, OSError, socket.timeout):
+                except (TimeoutError, OSError):
                     continue
 
     listener = threading.Thread(target=capture, daemon=True)
