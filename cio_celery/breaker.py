@@ -16,15 +16,14 @@ ignored (it says "slow down", not "down").
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._process import PerProcess
 from .exceptions import CircuitOpenError
 from .settings import Settings
 from .store import key, redis_for
@@ -428,25 +427,16 @@ def _notify(listener: Any, method: str, *args: Any, **kwargs: Any) -> None:
 
 
 _global_listeners: list[Any] = []
-_cache_lock = threading.Lock()
-_breakers: dict[tuple[int, int], Breaker] = {}
+_breakers: PerProcess[Breaker] = PerProcess()
 
 
 def add_listener(listener: Any) -> None:
     """Register a pybreaker ``CircuitBreakerListener`` on every breaker of this process."""
     _global_listeners.append(listener)
-    for b in list(_breakers.values()):
+    for b in _breakers.values():
         b.add_listener(listener)
 
 
 def breaker_for(settings: Settings) -> Breaker:
     """This process's breaker object for ``settings`` (the state itself lives in Redis)."""
-    k = (os.getpid(), id(settings))
-    found = _breakers.get(k)
-    if found is None:
-        with _cache_lock:
-            found = _breakers.get(k)
-            if found is None:
-                found = Breaker(settings, listeners=_global_listeners)
-                _breakers[k] = found
-    return found
+    return _breakers.get(id(settings), lambda: Breaker(settings, listeners=_global_listeners))

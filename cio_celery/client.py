@@ -9,15 +9,14 @@ those three things.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import threading
 from typing import Any
 
 import customerio
 import requests
 from customerio.client_base import TCPKeepAliveHTTPAdapter
 
+from ._process import PerProcess
 from .classify import classify
 from .settings import Settings
 
@@ -167,18 +166,9 @@ class Clients:
                 client.close()
 
 
-_lock = threading.Lock()
-_clients: dict[tuple[int, int], Clients] = {}
+_clients: PerProcess[Clients] = PerProcess()
 
 
 def clients_for(settings: Settings) -> Clients:
     """This process's clients for ``settings``: pooled connections are never shared across a fork."""
-    key = (os.getpid(), id(settings))
-    found = _clients.get(key)
-    if found is None:
-        with _lock:
-            found = _clients.get(key)
-            if found is None:
-                found = Clients(settings)
-                _clients[key] = found
-    return found
+    return _clients.get(id(settings), lambda: Clients(settings))

@@ -5,32 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .client import Clients
+from .validation import OPERATIONS
 
 __all__ = ["APP_OPERATIONS", "EVENT_OPERATIONS", "OPERATIONS", "TRACK_OPERATIONS", "api_of", "perform"]
 
-TRACK_OPERATIONS = (
-    "identify",
-    "track",
-    "track_anonymous",
-    "pageview",
-    "backfill",
-    "delete",
-    "add_device",
-    "delete_device",
-    "suppress",
-    "unsuppress",
-    "merge_customers",
-    "batch",
-)
-APP_OPERATIONS = (
-    "send_email",
-    "send_push",
-    "send_sms",
-    "send_whatsapp",
-    "send_inbox_message",
-    "send_in_app",
-)
-OPERATIONS = TRACK_OPERATIONS + APP_OPERATIONS
+# The operation list has one home (validation's signature table); the App API ones are the sends.
+APP_OPERATIONS = tuple(op for op in OPERATIONS if op.startswith("send_"))
+TRACK_OPERATIONS = tuple(op for op in OPERATIONS if op not in APP_OPERATIONS)
 
 # Operations that carry an event id (a ULID): Customer.io drops a repeated one.
 EVENT_OPERATIONS = frozenset({"track", "track_anonymous", "pageview", "backfill"})

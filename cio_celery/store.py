@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import threading
-
 import redis
 
+from ._process import PerProcess
 from .exceptions import ConfigurationError
 from .settings import Settings
 
 __all__ = ["key", "redis_for"]
 
-_lock = threading.Lock()
-_clients: dict[tuple[int, str], redis.Redis] = {}
+_clients: PerProcess[redis.Redis] = PerProcess()
 
 
 def redis_for(settings: Settings) -> redis.Redis:
@@ -23,21 +20,12 @@ def redis_for(settings: Settings) -> redis.Redis:
         raise ConfigurationError(
             "redis_url", "is not set and the Celery broker is not Redis (set CIO_REDIS_URL)"
         )
-    k = (os.getpid(), url)
-    client = _clients.get(k)
-    if client is None:
-        with _lock:
-            client = _clients.get(k)
-            if client is None:
-                client = redis.Redis.from_url(
-                    url,
-                    socket_timeout=5.0,
-                    socket_connect_timeout=2.0,
-                    health_check_interval=15,
-                    decode_responses=False,
-                )
-                _clients[k] = client
-    return client
+    return _clients.get(
+        url,
+        lambda: redis.Redis.from_url(
+            url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=15, decode_responses=False
+        ),
+    )
 
 
 def key(settings: Settings, *parts: str) -> str:

@@ -454,38 +454,23 @@ def batch(self: CioTask, operations: list[dict[str, Any]], *, _cio: dict[str, An
     return self.deliver((operations,), {}, _cio)
 
 
-@_task("send_email")
-def send_email(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional email (a dict or ``customerio.SendEmailRequest``)."""
-    return self.deliver((request,), {}, _cio)
+def _send_task(operation: str, what: str, request_class: str) -> CioTask:
+    """A transactional send task: one ``request`` argument, a dict or the SDK's request object."""
+
+    def run(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+        return self.deliver((request,), {}, _cio)
+
+    run.__name__ = run.__qualname__ = operation
+    run.__doc__ = f"Send a transactional {what} (a dict or ``customerio.{request_class}``)."
+    return _task(operation)(run)
 
 
-@_task("send_push")
-def send_push(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional push (a dict or ``customerio.SendPushRequest``)."""
-    return self.deliver((request,), {}, _cio)
+send_email = _send_task("send_email", "email", "SendEmailRequest")
+send_push = _send_task("send_push", "push", "SendPushRequest")
+send_sms = _send_task("send_sms", "SMS", "SendSMSRequest")
+send_whatsapp = _send_task("send_whatsapp", "WhatsApp message", "SendWhatsAppRequest")
+send_inbox_message = _send_task("send_inbox_message", "inbox message", "SendInboxMessageRequest")
+send_in_app = _send_task("send_in_app", "in-app message", "SendInAppRequest")
 
 
-@_task("send_sms")
-def send_sms(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional SMS (a dict or ``customerio.SendSMSRequest``)."""
-    return self.deliver((request,), {}, _cio)
-
-
-@_task("send_whatsapp")
-def send_whatsapp(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional WhatsApp message (a dict or ``customerio.SendWhatsAppRequest``)."""
-    return self.deliver((request,), {}, _cio)
-
-
-@_task("send_inbox_message")
-def send_inbox_message(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional inbox message (a dict or ``customerio.SendInboxMessageRequest``)."""
-    return self.deliver((request,), {}, _cio)
-
-
-@_task("send_in_app")
-def send_in_app(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
-    """Send a transactional in-app message (a dict or ``customerio.SendInAppRequest``)."""
-    return self.deliver((request,), {}, _cio)
 from . import worker as _worker  # noqa: E402,F401  (connects the worker signals)
