@@ -131,9 +131,12 @@ if st == 0 then
   return {'ok', tostring(gen), ''}
 end
 if st == 2 then
-  if ARGV[3] == '' or redis.call('ZREM', permits, ARGV[3]) == 0 then
-    return {'stale', tostring(gen), ''}
-  end
+  local lease = false
+  if ARGV[3] ~= '' then lease = redis.call('ZSCORE', permits, ARGV[3]) end
+  if not lease then return {'stale', tostring(gen), ''} end
+  redis.call('ZREM', permits, ARGV[3])
+  -- A lease that expired belongs to a probe presumed dead: its late answer is not evidence.
+  if tonumber(lease) <= now then return {'stale', tostring(gen), ''} end
   if outcome == 'i' then return {'ok', tostring(gen), ''} end
   if outcome == 's' then
     local hs = redis.call('HINCRBY', h, 'hs', 1)
@@ -196,7 +199,7 @@ for i = 1, #flat, 2 do
     if string.sub(f, 1, 1) == 'c' then calls = calls + v else fails = fails + v end
   end
 end
-local probes = redis.call('ZCOUNT', KEYS[2], now, '+inf')
+local probes = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
 return {tostring(st), tostring(gen), tostring(left), redis.call('HGET', h, 'trips') or '0',
         redis.call('HGET', h, 'cons') or '0', tostring(calls), tostring(fails), tostring(probes),
         tostring(now)}
