@@ -170,7 +170,9 @@ if ARGV[1] == 'open' then
              'cons', 0, 'hs', 0)
   new = 1
 elseif ARGV[1] == 'close' then
-  redis.call('HSET', h, 'st', 0, 'gen', gen, 'cons', 0, 'hs', 0, 'forced', 0, 'closed_at', now)
+  redis.call('HSET', h, 'st', 0, 'gen', gen, 'cons', 0, 'hs', 0, 'forced', 0)
+  -- Closing a closed breaker is no transition: it must not restart the forget-trips timer.
+  if st ~= 0 then redis.call('HSET', h, 'closed_at', now) end
 else
   redis.call('DEL', h)
   redis.call('HSET', h, 'st', 0, 'gen', gen, 'closed_at', now)

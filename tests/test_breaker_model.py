@@ -9,6 +9,7 @@ model. A threaded test then checks the half-open probe limit under real concurre
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -91,6 +93,8 @@ class Model:
     window: dict[int, list[int]] = field(default_factory=dict)  # bucket -> [calls, failures]
     leases: dict[str, float] = field(default_factory=dict)  # token -> expiry
     successes: int = 0
+    # When it last became closed: close() on a breaker already closed does not restart it, since
+    # "had been closed for more than 2 * open_max" measures the time spent closed.
     closed_since: float = START
     transitions: list[tuple[str, str]] = field(default_factory=list)
 
@@ -214,6 +218,12 @@ class Model:
 
 # -- the state machine ---------------------------------------------------------------------
 
+# Outcomes follow a simulated upstream that goes down and comes back, so outages trip the
+# breaker and recoveries close it; every outcome stays possible in both phases.
+OUTCOMES = {
+    True: st.sampled_from(["failure", "failure", "failure", "ignore", "success"]),  # upstream down
+    False: st.sampled_from(["success", "success", "success", "ignore", "failure"]),  # upstream up
+}
 SMALL_STEPS = st.integers(1, 12).map(lambda q: q / 4)  # 0.25 .. 3 s, exact binary fractions
 JUMPS = st.sampled_from([LEASE, LEASE + 0.5, OPEN_BASE, OPEN_BASE + 0.25, 2 * OPEN_BASE, OPEN_MAX,
                          2 * OPEN_MAX + 1, WINDOW, WINDOW + 1.5, 100.0])
@@ -235,19 +245,43 @@ class BreakerMachine(RuleBasedStateMachine):
         self.outstanding: list[list[Permit]] = [[] for _ in range(WORKERS)]
         self.model = Model()
         self.last_gen = 0
+        self.upstream_down = False
+
+    @initialize(
+        down=st.booleans(),
+        start=st.sampled_from(["closed", "open", "half-open", "recovered", "recovered long ago"]),
+    )
+    def start(self, down: bool, start: str) -> None:
+        """Where the upstream and the breaker begin: fresh, just tripped, probing (a probe held by
+        worker 0), or closed again after a trip, recently or long enough ago to forget it."""
+        self.upstream_down = down
+        if start == "closed":
+            return
+        for _ in range(CONSECUTIVE):
+            self._record(0, self._acquire(0), "failure")
+        if start == "open":
+            return
+        self.clock.t = self.model.until
+        if start == "half-open":
+            self.outstanding[0].append(self._acquire(0))
+            return
+        for _ in range(CLOSE_AFTER):
+            self._record(0, self._acquire(0), "success")
+        if start == "recovered long ago":
+            self.clock.t += 2 * OPEN_MAX + 1
 
     @property
     def now(self) -> float:
         return self.clock.t
 
-    @rule(worker=st.integers(0, WORKERS - 1))
-    def acquire(self, worker: int) -> None:
-        state_before = self.model.state
+    def _acquire(self, worker: int) -> Permit:
+        state_before = self.model.state + (" by hand" if self.model.forced else "")
         expected, retry_after = self.model.acquire(self.now)
         permit = self.workers[worker].acquire()
+        event(f"acquire in {state_before}: {permit.decision}")
         assert permit.decision == expected, (permit, self.model)
         if permit.decision == "allow":
-            assert state_before == "closed"
+            assert state_before == "closed", state_before
         assert permit.generation == self.model.gen, (permit, self.model)
         if retry_after is None:
             assert 0 < permit.retry_after <= LEASE, permit
@@ -256,34 +290,73 @@ class BreakerMachine(RuleBasedStateMachine):
         if permit.decision == "probe":
             assert permit.token
             self.model.granted(permit.token, self.now)
-        self.outstanding[worker].append(permit)
+        return permit
+
+    def _record(self, worker: int, permit: Permit, outcome: str) -> None:
+        if permit.token in self.model.leases and self.model.leases[permit.token] <= self.now:
+            event("record of a probe whose lease expired")
+        if permit.generation != self.model.gen:
+            event("record from an older generation")
+        expected = self.model.record(permit, outcome, self.now)
+        got = self.workers[worker].record(permit, outcome)  # type: ignore[arg-type]
+        event(f"record {outcome}: {got}")
+        assert got == expected, (permit, outcome, got, expected, self.model)
+
+    @rule(worker=st.integers(0, WORKERS - 1))
+    def acquire(self, worker: int) -> None:
+        """Take a permit and hold it: its outcome comes later, or never."""
+        self.outstanding[worker].append(self._acquire(worker))
+
+    @rule(workers=st.lists(st.integers(0, WORKERS - 1), min_size=1, max_size=5), data=st.data())
+    def calls(self, workers: list[int], data: st.DataObject) -> None:
+        """A burst of whole calls, one after the other: acquire, then at once the outcome."""
+        for worker in workers:
+            permit = self._acquire(worker)
+            if permit.allowed:
+                self._record(worker, permit, data.draw(OUTCOMES[self.upstream_down], label="outcome"))
+
+    @rule()
+    def upstream_flips(self) -> None:
+        self.upstream_down = not self.upstream_down
 
     @precondition(lambda self: any(self.outstanding))
     @rule(
         worker=st.integers(0, WORKERS - 1),
         pick=st.integers(0, 7),
-        outcome=st.sampled_from(["success", "failure", "ignore"]),
+        data=st.data(),
     )
-    def record(self, worker: int, pick: int, outcome: str) -> None:
+    def record(self, worker: int, pick: int, data: st.DataObject) -> None:
+        """The outcome of a held permit (possibly from an older generation, or an expired lease)."""
         worker = self._busy(worker)
-        permit = self.outstanding[worker].pop(pick % len(self.outstanding[worker]))
-        expected = self.model.record(permit, outcome, self.now)
-        got = self.workers[worker].record(permit, outcome)  # type: ignore[arg-type]
-        assert got == expected, (permit, outcome, got, expected, self.model)
+        permit = self.outstanding[worker].pop(-1 - pick % len(self.outstanding[worker]))
+        self._record(worker, permit, data.draw(OUTCOMES[self.upstream_down], label="outcome"))
 
     @precondition(lambda self: any(self.outstanding))
     @rule(worker=st.integers(0, WORKERS - 1), pick=st.integers(0, 7))
     def lose_permit(self, worker: int, pick: int) -> None:
         """The worker died holding the permit: its result never arrives."""
         worker = self._busy(worker)
-        self.outstanding[worker].pop(pick % len(self.outstanding[worker]))
+        self.outstanding[worker].pop(-1 - pick % len(self.outstanding[worker]))
 
     @rule(dt=st.one_of(SMALL_STEPS, JUMPS))
     def tick(self, dt: float) -> None:
         self.clock.t += dt
 
+    @precondition(lambda self: self.model.state == "open" and not self.model.forced)
+    @rule(extra=st.sampled_from([0.0, 0.0, 0.25, 1.0]))
+    def wait_out_the_open_period(self, extra: float) -> None:
+        """Jump to the end of the open period (exactly, or just after)."""
+        self.clock.t = max(self.clock.t, self.model.until + extra)
+
+    @precondition(lambda self: self.model.state == "half-open" and bool(self.model.leases))
+    @rule(extra=st.sampled_from([0.0, 0.0, 0.25, -0.25]))
+    def wait_out_a_lease(self, extra: float) -> None:
+        """Jump to the expiry of the oldest probe lease (exactly, just before or just after)."""
+        self.clock.t = max(self.clock.t, min(self.model.leases.values()) + extra)
+
     @rule(worker=st.integers(0, WORKERS - 1), op=st.sampled_from(["open", "close", "reset"]))
     def manual(self, worker: int, op: str) -> None:
+        event(f"manual {op}")
         b = self.workers[worker]
         if op == "open":
             b.open()
@@ -320,7 +393,8 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.heard == self.model.transitions
 
 
-def test_breaker_matches_its_model(store: redis.Redis, store_url: str) -> None:
+def test_breaker_matches_its_model(store: redis.Redis, store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="cio_celery.breaker")  # thousands of transitions: keep the log short
     BreakerMachine.store_url = store_url
     run_state_machine_as_test(
         BreakerMachine,
