@@ -26,7 +26,7 @@ from typing import Any, Literal
 from ._process import PerProcess
 from .exceptions import CircuitOpenError
 from .settings import Settings
-from .store import key, redis_for
+from .store import key, run_script
 
 __all__ = ["Breaker", "BreakerStatus", "Permit", "State", "add_listener", "breaker_for"]
 
@@ -306,17 +306,12 @@ class Breaker:
     def _now_arg(self) -> str:
         return "" if self._clock is None else repr(self._clock())
 
-    @property
-    def _redis(self) -> Any:
-        return redis_for(self.settings)
-
     def acquire(self) -> Permit:
         """Ask to call Customer.io: allow (closed), probe (a half-open lease) or reject."""
         s = self.settings
         token = secrets.token_hex(8)
-        res = self._redis.eval(
-            _ACQUIRE, 2, self._keys3[0], self._keys3[1],
-            token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes,
+        res = run_script(
+            s, _ACQUIRE, self._keys3[:2], [token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes]
         )
         decision, gen, retry_after, changed = (_s(x) for x in res)
         if changed:
@@ -345,13 +340,12 @@ class Breaker:
         ):
             outcome = "failure"
         code = {"success": "s", "failure": "f", "ignore": "i"}[outcome]
-        res = self._redis.eval(
-            _RECORD, 3, *self._keys3,
+        res = run_script(s, _RECORD, self._keys3, [
             code, permit.generation, permit.token, self._now_arg(),
             self._bucket, self._buckets, s.breaker_minimum_calls, s.breaker_failure_rate,
             s.breaker_consecutive_failures, s.breaker_open_base, s.breaker_open_max,
             s.breaker_open_jitter, self._rng.random(), s.breaker_close_after,
-        )
+        ])
         result = _s(res[0])
         if outcome == "failure":
             for listener in self._listeners:
@@ -364,9 +358,7 @@ class Breaker:
         return result
 
     def status(self) -> BreakerStatus:
-        res = self._redis.eval(
-            _STATUS, 3, *self._keys3, self._now_arg(), self._bucket, self._buckets
-        )
+        res = run_script(self.settings, _STATUS, self._keys3, [self._now_arg(), self._bucket, self._buckets])
         st, gen, left, trips, cons, calls, fails, probes, _now = (_s(x) for x in res)
         return BreakerStatus(
             name=self.name,
@@ -393,7 +385,8 @@ class Breaker:
         self._force("reset", "")
 
     def _force(self, mode: str, duration: str) -> None:
-        old, new, _gen = (_s(x) for x in self._redis.eval(_FORCE, 3, *self._keys3, mode, self._now_arg(), duration))
+        res = run_script(self.settings, _FORCE, self._keys3, [mode, self._now_arg(), duration])
+        old, new, _gen = (_s(x) for x in res)
         new_name = "open" if new == "1" else "closed"
         old_name = _STATE_NAMES[int(old)]
         if old_name != new_name:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .settings import Settings
-from .store import key, redis_for
+from .store import key, redis_for, run_script
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -98,16 +98,12 @@ class DeadLetters:
             "args": list(args),
             "kwargs": kwargs,
         }
-        self._redis.eval(
-            _ADD,
-            2,
-            self._items,
-            self._index,
+        run_script(self.settings, _ADD, [self._items, self._index], [
             task_id,
             json.dumps(entry, separators=(",", ":")),
             self.settings.dead_letter_retention,
             self.settings.dead_letter_max,
-        )
+        ])
         return task_id
 
     def count(self) -> int:

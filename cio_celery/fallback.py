@@ -15,7 +15,7 @@ from typing import Any
 
 from .breaker import Breaker
 from .settings import Settings
-from .store import key, redis_for
+from .store import key, redis_for, run_script
 
 __all__ = ["Fallback", "Releaser"]
 
@@ -85,10 +85,10 @@ class Fallback:
         return done
 
     def acquire_lease(self, token: str, ttl: float) -> bool:
-        return bool(self._redis.eval(_RENEW, 1, self._lock, token, int(ttl * 1000)))
+        return bool(run_script(self.settings, _RENEW, [self._lock], [token, int(ttl * 1000)]))
 
     def drop_lease(self, token: str) -> None:
-        self._redis.eval(_RELEASE_LOCK, 1, self._lock, token)
+        run_script(self.settings, _RELEASE_LOCK, [self._lock], [token])
 
     def release_allowed(self, breaker: Breaker | None) -> int:
         """How many to release now: the rate when closed, K probes when due, none while open."""

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import redis
+from redis.commands.core import Script
 
 from ._process import PerProcess
 from .exceptions import ConfigurationError
 from .settings import Settings
 
-__all__ = ["key", "redis_for"]
+__all__ = ["key", "redis_for", "run_script"]
 
 _clients: PerProcess[redis.Redis] = PerProcess()
+_scripts: PerProcess[Script] = PerProcess()
 
 
 def redis_for(settings: Settings) -> redis.Redis:
@@ -31,3 +36,10 @@ def redis_for(settings: Settings) -> redis.Redis:
 def key(settings: Settings, *parts: str) -> str:
     """A store key; the ``{prefix}`` hash tag keeps all of them in one Redis Cluster slot."""
     return ":".join(("{" + settings.key_prefix + "}", *parts))
+
+
+def run_script(settings: Settings, text: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """Run a Lua script by its SHA (EVALSHA), loading it once per server, not sending it every call."""
+    client = redis_for(settings)
+    script = _scripts.get((settings.redis_url, text), lambda: client.register_script(text))
+    return script(keys=list(keys), args=list(args), client=client)
