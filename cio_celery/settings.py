@@ -310,23 +310,32 @@ def build_settings(
     return Settings(**values)
 
 
-def _celery_overrides(conf: Any) -> dict[str, Any]:
+def _celery_overrides(conf: Any) -> tuple[dict[str, Any], str | None]:
+    """The ``cio_*`` keys of a Celery conf, and the broker URL when the broker is Redis."""
     out: dict[str, Any] = {}
     for spec in SETTINGS:
         value = conf.get(f"cio_{spec.name}")
         if value is not None:
             out[spec.name] = value
     broker_url = conf.get("broker_url") or ""
-    if "redis_url" not in out and isinstance(broker_url, str) and broker_url.split(":", 1)[0] in {
-        "redis", "rediss", "unix",
-    }:
-        out["_broker_redis_url"] = broker_url.split(";")[0]
+    broker_redis = None
+    if isinstance(broker_url, str) and broker_url.split(":", 1)[0] in {"redis", "rediss", "unix"}:
+        broker_redis = broker_url.split(";")[0]
     if "visibility_timeout" not in out:
         opts = conf.get("broker_transport_options") or {}
         vt = opts.get("visibility_timeout")
         if vt is not None:
             out["visibility_timeout"] = float(vt)
-    return out
+    return out, broker_redis
+
+
+def _build_for_app(app: Any, overrides: Mapping[str, Any], source: str) -> Settings:
+    base, broker_redis = _celery_overrides(app.conf)
+    base.update(overrides)
+    settings = build_settings(base, source=source)
+    if settings.redis_url is None and broker_redis is not None:
+        settings = settings.with_changes(redis_url=broker_redis)
+    return settings
 
 
 _APP_ATTR = "_cio_celery_settings"
@@ -337,11 +346,7 @@ def settings_for_app(app: Any) -> Settings:
     cached = app.__dict__.get(_APP_ATTR)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
-    overrides = _celery_overrides(app.conf)
-    broker_redis = overrides.pop("_broker_redis_url", None)
-    settings = build_settings(overrides, source="celery conf cio")
-    if settings.redis_url is None and broker_redis is not None:
-        settings = settings.with_changes(redis_url=broker_redis)
+    settings = _build_for_app(app, {}, source="celery conf cio")
     app.__dict__[_APP_ATTR] = settings
     return settings
 
@@ -349,11 +354,6 @@ def settings_for_app(app: Any) -> Settings:
 def configure(app: Any, settings: Settings | None = None, **overrides: Any) -> Settings:
     """Set the app's settings explicitly (Django/Flask integrations and tests use this)."""
     if settings is None:
-        base = dict(_celery_overrides(app.conf))
-        broker_redis = base.pop("_broker_redis_url", None)
-        base.update(overrides)
-        settings = build_settings(base)
-        if settings.redis_url is None and broker_redis is not None:
-            settings = settings.with_changes(redis_url=broker_redis)
+        settings = _build_for_app(app, overrides, source="settings")
     app.__dict__[_APP_ATTR] = settings
     return settings

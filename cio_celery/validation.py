@@ -254,14 +254,8 @@ def _clean(value: Any) -> Any:
 def _clean_dict(value: Mapping[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, item in value.items():
-        if type(key) is not str:
+        if type(key) is not str or not key.isascii():
             key = _clean_key(key)
-        elif not key.isascii():
-            try:
-                _check_utf8(key)
-            except _Bad as bad:
-                bad.problem = "has a key that is not valid UTF-8 text (it holds a lone surrogate)"
-                raise
         try:
             out[key] = _clean(item)
         except _Bad as bad:
