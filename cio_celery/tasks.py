@@ -13,7 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import redis
 from celery import Task, shared_task
@@ -183,9 +183,10 @@ class CioTask(Task):  # type: ignore[misc]
         """Run one attempt of the operation; the body of every operation task."""
         settings = self.cio_settings
         op = self.operation
+        meta_d = dict(meta or {})
         replay_kwargs = dict(kwargs)
         if meta is not None:
-            replay_kwargs[META_KEY] = dict(meta)
+            replay_kwargs[META_KEY] = meta_d
         try:
             nargs, nkwargs = normalize(op, tuple(args), dict(kwargs))
         except ValidationError as exc:
@@ -196,8 +197,7 @@ class CioTask(Task):  # type: ignore[misc]
         if missing is not None:
             self._dead_letter("not_configured", None, nargs, replay_kwargs)
             raise PermanentError(op, "not_configured", detail=f"{missing} is not set") from None
-        event_id = (meta or {}).get("event_id")
-        meta_d = dict(meta or {})
+        event_id = meta_d.get("event_id")
         retries = self._effective_retries(meta_d)
         permit: Permit | None = None
         breaker = breaker_for(settings) if settings.breaker_enabled else None
@@ -212,7 +212,7 @@ class CioTask(Task):  # type: ignore[misc]
                     _log(logging.WARNING, "store_unavailable", self, "retry", error=type(store_exc).__name__)
                     err = TransientError(op, "store_unavailable")
                     self._retry(self._countdown(settings, retries, None), err, nargs, replay_kwargs)
-                permit = None
+                # breaker_on_store_error == "allow": call Customer.io unguarded (permit stays None).
             if permit is not None and not permit.allowed:
                 return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
         started = time.monotonic()
@@ -310,7 +310,7 @@ class CioTask(Task):  # type: ignore[misc]
 
     def _retry(
         self, countdown: float, exc: DeliveryError, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> None:
+    ) -> NoReturn:
         try:
             raise self.retry(args=list(args), kwargs=dict(kwargs), countdown=countdown, exc=exc)
         except Retry:
