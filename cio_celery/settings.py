@@ -29,14 +29,18 @@ REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 
 @dataclass(frozen=True)
 class Setting:
-    """One documented setting: its field name, environment variable, default and meaning."""
+    """One documented setting: its field name, environment variable, parser and meaning."""
 
     name: str
     env: str
-    default: Any
     parse: Callable[[str], Any]
     doc: str
     secret: bool = False
+
+    @property
+    def default(self) -> Any:
+        """The default, read from the ``Settings`` field: it is written in one place only."""
+        return Settings.__dataclass_fields__[self.name].default
 
 
 def _str(v: str) -> str:
@@ -53,104 +57,83 @@ def _bool(v: str) -> bool:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("site_id", "CIO_SITE_ID", None, _str, "Track API site id (Basic auth user).", secret=True),
-    Setting("track_api_key", "CIO_TRACK_API_KEY", None, _str, "Track API key.", secret=True),
-    Setting("app_api_key", "CIO_APP_API_KEY", None, _str, "App API key (transactional sends).", secret=True),
-    Setting("region", "CIO_REGION", "us", _str, "Account region, `us` or `eu`; picks the API hosts."),
-    Setting(
-        "track_url", "CIO_TRACK_URL", None, _str,
+    Setting("site_id", "CIO_SITE_ID", _str, "Track API site id (Basic auth user).", secret=True),
+    Setting("track_api_key", "CIO_TRACK_API_KEY", _str, "Track API key.", secret=True),
+    Setting("app_api_key", "CIO_APP_API_KEY", _str, "App API key (transactional sends).", secret=True),
+    Setting("region", "CIO_REGION", _str, "Account region, `us` or `eu`; picks the API hosts."),
+    Setting("track_url", "CIO_TRACK_URL", _str,
         "Base URL replacing the region's Track host (`http://127.0.0.1:PORT` for a local fake).",
     ),
-    Setting("app_url", "CIO_APP_URL", None, _str, "Base URL replacing the region's App API host."),
-    Setting(
-        "redis_url", "CIO_REDIS_URL", None, _str,
+    Setting("app_url", "CIO_APP_URL", _str, "Base URL replacing the region's App API host."),
+    Setting("redis_url", "CIO_REDIS_URL", _str,
         "Redis for breaker, idempotency, fallback and dead letters; defaults to the broker URL "
         "when the broker is Redis.",
     ),
-    Setting("key_prefix", "CIO_KEY_PREFIX", "cio", _str, "Prefix of every Redis key (used as a hash tag)."),
-    Setting("timeout", "CIO_TIMEOUT", 10.0, float, "HTTP timeout in seconds for one Customer.io request."),
-    Setting("queue", "CIO_QUEUE", "cio", _str, "Celery queue the operations are sent to."),
-    Setting(
-        "fallback_queue", "CIO_FALLBACK_QUEUE", "cio.fallback", _str,
+    Setting("key_prefix", "CIO_KEY_PREFIX", _str, "Prefix of every Redis key (used as a hash tag)."),
+    Setting("timeout", "CIO_TIMEOUT", float, "HTTP timeout in seconds for one Customer.io request."),
+    Setting("queue", "CIO_QUEUE", _str, "Celery queue the operations are sent to."),
+    Setting("fallback_queue", "CIO_FALLBACK_QUEUE", _str,
         "Queue that parked operations are released to after an outage.",
     ),
-    Setting("max_retries", "CIO_MAX_RETRIES", 8, int, "Retries of a transient failure before dead letters."),
-    Setting("retry_backoff_base", "CIO_RETRY_BACKOFF_BASE", 2.0, float, "First backoff ceiling in seconds."),
-    Setting(
-        "retry_backoff_max", "CIO_RETRY_BACKOFF_MAX", 600.0, float,
+    Setting("max_retries", "CIO_MAX_RETRIES", int, "Retries of a transient failure before dead letters."),
+    Setting("retry_backoff_base", "CIO_RETRY_BACKOFF_BASE", float, "First backoff ceiling in seconds."),
+    Setting("retry_backoff_max", "CIO_RETRY_BACKOFF_MAX", float,
         "Cap of the exponential backoff ceiling in seconds (full jitter below it).",
     ),
-    Setting(
-        "retry_after_max", "CIO_RETRY_AFTER_MAX", 900.0, float,
+    Setting("retry_after_max", "CIO_RETRY_AFTER_MAX", float,
         "Longest Retry-After honoured, in seconds; longer ones are cut to this.",
     ),
-    Setting(
-        "visibility_timeout", "CIO_VISIBILITY_TIMEOUT", None, float,
+    Setting("visibility_timeout", "CIO_VISIBILITY_TIMEOUT", float,
         "The broker's visibility timeout; read from `broker_transport_options` when unset. "
         "Every countdown stays below it.",
     ),
-    Setting("dead_letter_max", "CIO_DEAD_LETTER_MAX", 100_000, int, "Most dead letters kept (oldest dropped)."),
-    Setting(
-        "dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", 30 * 86400.0, float,
+    Setting("dead_letter_max", "CIO_DEAD_LETTER_MAX", int, "Most dead letters kept (oldest dropped)."),
+    Setting("dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", float,
         "Seconds a dead letter is kept.",
     ),
-    Setting("breaker_enabled", "CIO_BREAKER_ENABLED", True, _bool, "Guard every call with the shared breaker."),
-    Setting("breaker_window", "CIO_BREAKER_WINDOW", 30.0, float, "Sliding window of the failure rate, seconds."),
-    Setting(
-        "breaker_minimum_calls", "CIO_BREAKER_MINIMUM_CALLS", 20, int,
+    Setting("breaker_enabled", "CIO_BREAKER_ENABLED", _bool, "Guard every call with the shared breaker."),
+    Setting("breaker_window", "CIO_BREAKER_WINDOW", float, "Sliding window of the failure rate, seconds."),
+    Setting("breaker_minimum_calls", "CIO_BREAKER_MINIMUM_CALLS", int,
         "Calls in the window before the failure rate may trip the breaker.",
     ),
-    Setting(
-        "breaker_failure_rate", "CIO_BREAKER_FAILURE_RATE", 0.5, float,
+    Setting("breaker_failure_rate", "CIO_BREAKER_FAILURE_RATE", float,
         "Failure rate (0-1] in the window that trips the breaker.",
     ),
-    Setting(
-        "breaker_consecutive_failures", "CIO_BREAKER_CONSECUTIVE_FAILURES", 10, int,
+    Setting("breaker_consecutive_failures", "CIO_BREAKER_CONSECUTIVE_FAILURES", int,
         "Consecutive transient failures that trip the breaker whatever the rate.",
     ),
-    Setting(
-        "breaker_slow_call", "CIO_BREAKER_SLOW_CALL", 0.0, float,
+    Setting("breaker_slow_call", "CIO_BREAKER_SLOW_CALL", float,
         "A call slower than this many seconds counts as a failure; 0 turns the rule off.",
     ),
-    Setting("breaker_open_base", "CIO_BREAKER_OPEN_BASE", 10.0, float, "First open period, seconds."),
-    Setting(
-        "breaker_open_max", "CIO_BREAKER_OPEN_MAX", 300.0, float,
+    Setting("breaker_open_base", "CIO_BREAKER_OPEN_BASE", float, "First open period, seconds."),
+    Setting("breaker_open_max", "CIO_BREAKER_OPEN_MAX", float,
         "Cap of the open period, which doubles on each repeated trip.",
     ),
-    Setting(
-        "breaker_open_jitter", "CIO_BREAKER_OPEN_JITTER", 0.2, float,
+    Setting("breaker_open_jitter", "CIO_BREAKER_OPEN_JITTER", float,
         "Up to this fraction is added at random to each open period.",
     ),
-    Setting(
-        "breaker_half_open_probes", "CIO_BREAKER_HALF_OPEN_PROBES", 2, int,
+    Setting("breaker_half_open_probes", "CIO_BREAKER_HALF_OPEN_PROBES", int,
         "Probes allowed at once across the cluster in half-open (K).",
     ),
-    Setting(
-        "breaker_close_after", "CIO_BREAKER_CLOSE_AFTER", 3, int,
+    Setting("breaker_close_after", "CIO_BREAKER_CLOSE_AFTER", int,
         "Successful probes in a row that close the breaker.",
     ),
-    Setting(
-        "breaker_probe_lease", "CIO_BREAKER_PROBE_LEASE", None, float,
+    Setting("breaker_probe_lease", "CIO_BREAKER_PROBE_LEASE", float,
         "Seconds a half-open probe permit lives; default: timeout + task_time_limit + 5.",
     ),
-    Setting(
-        "task_time_limit", "CIO_TASK_TIME_LIMIT", 60.0, float,
+    Setting("task_time_limit", "CIO_TASK_TIME_LIMIT", float,
         "Hard time limit of one delivery attempt, seconds (Celery `time_limit` of the tasks).",
     ),
-    Setting(
-        "breaker_on_store_error", "CIO_BREAKER_ON_STORE_ERROR", "retry", _str,
+    Setting("breaker_on_store_error", "CIO_BREAKER_ON_STORE_ERROR", _str,
         "When Redis cannot be reached: `retry` later without calling Customer.io, or `allow` the call.",
     ),
-    Setting(
-        "fallback_release_rate", "CIO_FALLBACK_RELEASE_RATE", 50.0, float,
+    Setting("fallback_release_rate", "CIO_FALLBACK_RELEASE_RATE", float,
         "Parked operations released per second once the breaker is closed.",
     ),
-    Setting(
-        "fallback_release_interval", "CIO_FALLBACK_RELEASE_INTERVAL", 1.0, float,
+    Setting("fallback_release_interval", "CIO_FALLBACK_RELEASE_INTERVAL", float,
         "Seconds between two runs of the fallback releaser in each worker.",
     ),
-    Setting(
-        "show_args", "CIO_SHOW_ARGS", False, _bool,
+    Setting("show_args", "CIO_SHOW_ARGS", _bool,
         "Show operation arguments in Flower and logs (off: customer data stays out).",
     ),
 )
