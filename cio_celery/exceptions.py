@@ -14,6 +14,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "DeliveryError",
+    "EnqueueError",
     "PermanentError",
     "StoreUnavailableError",
     "TransientError",
@@ -100,6 +101,17 @@ class TransientError(DeliveryError):
 
 class PermanentError(DeliveryError):
     """A failure that retrying cannot fix: any other 4xx, or input refused by the worker."""
+
+
+class EnqueueError(CioError):
+    """An operation could not be handed to the broker (and, with ``on_broker_error=spool``, not
+    to the local spool either). ``spooled`` says whether it is safe in the spool anyway."""
+
+    def __init__(self, operation: str, reason: str, spooled: bool = False) -> None:
+        self.operation = operation
+        self.reason = reason
+        self.spooled = spooled
+        super().__init__(f"cio_celery {operation}: could not enqueue ({reason})")
 
 
 class StoreUnavailableError(CioError):

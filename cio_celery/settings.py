@@ -136,7 +136,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("show_args", "CIO_SHOW_ARGS", _bool,
         "Show operation arguments in Flower and logs (off: customer data stays out).",
     ),
+    Setting("idempotency_enabled", "CIO_IDEMPOTENCY_ENABLED", _bool,
+        "Claim each operation's idempotency key in Redis before calling Customer.io.",
+    ),
+    Setting("idempotency_retention", "CIO_IDEMPOTENCY_RETENTION", float,
+        "Seconds a delivered operation's key is kept (duplicates inside it are suppressed); "
+        "must outlast the retry horizon plus the visibility timeout.",
+    ),
+    Setting("idempotency_lease", "CIO_IDEMPOTENCY_LEASE", float,
+        "Seconds a worker's claim lives while it delivers; default: timeout + task_time_limit + 5.",
+    ),
+    Setting("ambiguous_sends", "CIO_AMBIGUOUS_SENDS", _str,
+        "What a transactional send does after a failure that may have been applied (timeout after "
+        "sending, 5xx): `dead_letter` (for review) or `retry`; per operation as "
+        "`send_email=retry,send_sms=dead_letter`.",
+    ),
+    Setting("enqueue_timeout", "CIO_ENQUEUE_TIMEOUT", float,
+        "Longest time `.delay()` waits for the broker before spooling the operation, seconds.",
+    ),
+    Setting("on_broker_error", "CIO_ON_BROKER_ERROR", _str,
+        "When the broker cannot take an operation at enqueue: `spool` it locally (nothing raised) "
+        "or `raise` EnqueueError.",
+    ),
+    Setting("spool_dir", "CIO_SPOOL_DIR", _str,
+        "Directory of the local spool (SQLite); default: `$XDG_STATE_HOME/cio_celery` or "
+        "`~/.local/state/cio_celery`.",
+    ),
+    Setting("spool_flush_interval", "CIO_SPOOL_FLUSH_INTERVAL", float,
+        "Seconds between two attempts to flush the spool to the broker.",
+    ),
 )
+
+SEND_OPERATIONS = ("send_email", "send_push", "send_sms", "send_whatsapp", "send_inbox_message", "send_in_app")
+AMBIGUOUS_POLICIES = ("dead_letter", "retry")
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -180,6 +212,14 @@ class Settings:
     fallback_release_rate: float = 50.0
     fallback_release_interval: float = 1.0
     show_args: bool = False
+    idempotency_enabled: bool = True
+    idempotency_retention: float = 7 * 86400.0
+    idempotency_lease: float | None = None
+    ambiguous_sends: str = "dead_letter"
+    enqueue_timeout: float = 0.5
+    on_broker_error: str = "spool"
+    spool_dir: str | None = None
+    spool_flush_interval: float = 1.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -209,8 +249,55 @@ class Settings:
             return self.breaker_probe_lease
         return self.timeout + self.task_time_limit + 5.0
 
+    @property
+    def claim_lease(self) -> float:
+        """A worker's idempotency claim outlives one attempt: HTTP timeout plus the time limit."""
+        if self.idempotency_lease is not None:
+            return self.idempotency_lease
+        return self.timeout + self.task_time_limit + 5.0
+
+    @property
+    def retry_horizon(self) -> float:
+        """Longest time from an operation's first attempt to its last redelivery.
+
+        Every countdown, each attempt's time limit, and one visibility timeout for a message
+        whose worker died after delivering it.
+        """
+        vt = self.visibility_timeout or REDIS_DEFAULT_VISIBILITY_TIMEOUT
+        longest_wait = min(max(self.retry_backoff_max, self.retry_after_max * 1.1), self.max_countdown)
+        return self.max_retries * longest_wait + (self.max_retries + 1) * self.task_time_limit + vt
+
+    def ambiguous_policy(self, operation: str) -> str:
+        """``retry`` or ``dead_letter`` for a transactional send whose failure may have been applied."""
+        return _ambiguous_map(self.ambiguous_sends).get(operation, "retry")
+
+    @property
+    def spool_path(self) -> str:
+        if self.spool_dir:
+            return os.path.expanduser(self.spool_dir)
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        return os.path.join(state, "cio_celery")
+
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _ambiguous_map(spec: str) -> dict[str, str]:
+    """Parse ``dead_letter`` / ``retry`` / ``send_email=retry,send_sms=dead_letter``."""
+    text = spec.strip()
+    if text in AMBIGUOUS_POLICIES:
+        return dict.fromkeys(SEND_OPERATIONS, text)
+    out = dict.fromkeys(SEND_OPERATIONS, "dead_letter")
+    for part in text.split(","):
+        name, sep, policy = (x.strip() for x in part.partition("="))
+        if not sep or name not in SEND_OPERATIONS or policy not in AMBIGUOUS_POLICIES:
+            raise ConfigurationError(
+                "ambiguous_sends",
+                f"must be {' or '.join(AMBIGUOUS_POLICIES)}, or a list such as send_email=retry "
+                f"(operations: {', '.join(SEND_OPERATIONS)})",
+            )
+        out[name] = policy
+    return out
 
 
 def _validate(s: Settings) -> None:
@@ -261,6 +348,21 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("breaker_on_store_error", "must be 'retry' or 'allow'")
     if not s.queue or not s.fallback_queue or s.queue == s.fallback_queue:
         raise ConfigurationError("fallback_queue", "must be non-empty and differ from queue")
+    _ambiguous_map(s.ambiguous_sends)
+    for name in ("enqueue_timeout", "spool_flush_interval"):
+        if not getattr(s, name) > 0:
+            raise ConfigurationError(name, "must be greater than 0")
+    if s.on_broker_error not in {"spool", "raise"}:
+        raise ConfigurationError("on_broker_error", "must be 'spool' or 'raise'")
+    if s.idempotency_lease is not None and s.idempotency_lease <= s.timeout:
+        raise ConfigurationError("idempotency_lease", "must exceed timeout (plus the task time limit)")
+    if s.idempotency_enabled and s.idempotency_retention < s.retry_horizon:
+        raise ConfigurationError(
+            "idempotency_retention",
+            f"must be at least {s.retry_horizon:.0f} s: the retry horizon (max_retries x the longest "
+            "countdown, each attempt's time limit, one visibility timeout); a shorter one lets a late "
+            "redelivery through twice",
+        )
 
 
 def build_settings(
