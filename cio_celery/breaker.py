@@ -26,7 +26,7 @@ from typing import Any, Literal
 from ._process import PerProcess
 from .exceptions import CircuitOpenError
 from .settings import Settings
-from .store import key, run_script
+from .store import ScriptCall, key, run_script
 
 __all__ = ["Breaker", "BreakerStatus", "Permit", "State", "add_listener", "breaker_for"]
 
@@ -308,11 +308,18 @@ class Breaker:
 
     def acquire(self) -> Permit:
         """Ask to call Customer.io: allow (closed), probe (a half-open lease) or reject."""
+        call, token = self.acquire_call()
+        return self.acquire_result(run_script(self.settings, call.text, call.keys, call.args), token)
+
+    def acquire_call(self) -> tuple[ScriptCall, str]:
+        """The acquire script and its probe token, to run with others in one round trip."""
         s = self.settings
         token = secrets.token_hex(8)
-        res = run_script(
-            s, _ACQUIRE, self._keys3[:2], [token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes]
-        )
+        args = [token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes]
+        return ScriptCall(_ACQUIRE, self._keys3[:2], args), token
+
+    def acquire_result(self, res: Any, token: str) -> Permit:
+        """The permit from the acquire script's answer (announces a transition it made)."""
         decision, gen, retry_after, changed = (_s(x) for x in res)
         if changed:
             self._announce(changed)
@@ -331,6 +338,11 @@ class Breaker:
         exc: BaseException | None = None,
     ) -> str:
         """Report a call's outcome; returns the transition it caused, ``"ok"`` or ``"stale"``."""
+        outcome = self._effective(outcome, duration)
+        call = self.record_call(permit, outcome)
+        return self.record_result(run_script(self.settings, call.text, call.keys, call.args), outcome, exc)
+
+    def _effective(self, outcome: Outcome, duration: float | None) -> Outcome:
         s = self.settings
         if (
             outcome == "success"
@@ -338,14 +350,23 @@ class Breaker:
             and s.breaker_slow_call > 0
             and duration >= s.breaker_slow_call
         ):
-            outcome = "failure"
+            return "failure"
+        return outcome
+
+    def record_call(self, permit: Permit, outcome: Outcome, duration: float | None = None) -> ScriptCall:
+        """The record script for one outcome (a slow success counts as a failure)."""
+        s = self.settings
+        outcome = self._effective(outcome, duration)
         code = {"success": "s", "failure": "f", "ignore": "i"}[outcome]
-        res = run_script(s, _RECORD, self._keys3, [
+        return ScriptCall(_RECORD, self._keys3, [
             code, permit.generation, permit.token, self._now_arg(),
             self._bucket, self._buckets, s.breaker_minimum_calls, s.breaker_failure_rate,
             s.breaker_consecutive_failures, s.breaker_open_base, s.breaker_open_max,
             s.breaker_open_jitter, self._rng.random(), s.breaker_close_after,
         ])
+
+    def record_result(self, res: Any, outcome: Outcome, exc: BaseException | None = None) -> str:
+        """Tell the listeners, announce a transition; returns it, ``"ok"`` or ``"stale"``."""
         result = _s(res[0])
         if outcome == "failure":
             for listener in self._listeners:

@@ -10,6 +10,7 @@ permanent ones.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -21,14 +22,16 @@ from celery.exceptions import Reject, Retry
 from celery.utils import uuid
 
 from .backoff import retry_delay
-from .breaker import Breaker, Permit, breaker_for
+from .breaker import Breaker, Outcome, Permit, breaker_for
 from .breaker import add_listener as add_breaker_listener
 from .client import clients_for
 from .deadletters import DeadLetters
 from .exceptions import CioError, DeliveryError, PermanentError, TransientError, ValidationError
 from .fallback import Fallback
+from .idempotency import Claim, Claims
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
-from .settings import Settings, settings_for_app
+from .settings import SEND_OPERATIONS, Settings, settings_for_app
+from .store import ScriptCall, run_scripts
 from .ulid import new_ulid
 from .validation import normalize
 
@@ -199,29 +202,48 @@ class CioTask(Task):  # type: ignore[misc]
             raise PermanentError(op, "not_configured", detail=f"{missing} is not set") from None
         event_id = meta_d.get("event_id")
         retries = self._effective_retries(meta_d)
-        permit: Permit | None = None
+        claims = Claims(settings) if settings.idempotency_enabled else None
         breaker = breaker_for(settings) if settings.breaker_enabled else None
-        if breaker is not None:
+        claim: Claim | None = None
+        permit: Permit | None = None
+        if claims is not None or breaker is not None:
             try:
-                permit = breaker.acquire()
+                claim, permit = self._enter(claims, breaker, str(meta_d.get("key") or self.request.id))
             except (redis.RedisError, OSError) as store_exc:
                 if settings.breaker_on_store_error != "allow":
                     # Never call Customer.io unguarded: try later, without spending an attempt.
-                    meta_d["free"] = int(meta_d.get("free", 0)) + 1
-                    replay_kwargs[META_KEY] = meta_d
                     _log(logging.WARNING, "store_unavailable", self, "retry", error=type(store_exc).__name__)
-                    err = TransientError(op, "store_unavailable")
-                    self._retry(self._countdown(settings, retries, None), err, nargs, replay_kwargs)
-                # breaker_on_store_error == "allow": call Customer.io unguarded (permit stays None).
-            if permit is not None and not permit.allowed:
-                return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
+                    self._free_retry(self._countdown(settings, retries, None), TransientError(op, "store_unavailable"),
+                                     nargs, replay_kwargs, meta_d)
+                # breaker_on_store_error == "allow": call Customer.io unguarded (no claim, no permit).
+        if claim is not None and not claim.owned:
+            self._leave(claims, breaker, None, permit, "ignore")  # hands back a probe permit, if any
+            if claim.state == "done":
+                _log(logging.INFO, "duplicate_suppressed", self, "suppressed")
+                self._send_event("task-cio-duplicate-suppressed")
+                return {"duplicate": True}
+            # Another live worker holds the claim: try again when its lease ends, never drop.
+            countdown = min(claim.held_for + random.uniform(0.0, 1.0), settings.max_countdown)
+            _log(logging.INFO, "claim_held", self, "retry", countdown=round(countdown, 3))
+            self._free_retry(countdown, TransientError(op, "claimed_elsewhere"), nargs, replay_kwargs, meta_d)
+        if permit is not None and not permit.allowed:
+            self._leave(claims, None, claim, None, "ignore")
+            return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
+        if claim is not None and claim.recovered and self._review_ambiguous(settings):
+            # The previous attempt's worker died mid-call: the send may have gone out.
+            self._leave(claims, breaker, claim, permit, "ignore")
+            self._dead_letter("ambiguous:worker_lost", None, nargs, replay_kwargs)
+            raise PermanentError(op, "ambiguous:worker_lost")
         started = time.monotonic()
         try:
             result = perform(clients_for(settings), op, list(nargs), nkwargs, event_id)
         except TransientError as exc:
             exc.for_operation(op)
             # A 429 says "slow down", not "down": it must not trip the breaker.
-            self._record(breaker, permit, "ignore" if exc.status == 429 else "failure")
+            self._leave(claims, breaker, claim, permit, "ignore" if exc.status == 429 else "failure")
+            if exc.maybe_applied and self._review_ambiguous(settings):
+                self._dead_letter(f"ambiguous:{exc.reason}", exc.status, nargs, replay_kwargs)
+                raise
             if retries >= settings.max_retries:
                 self._dead_letter(f"retries_exhausted:{exc.reason}", exc.status, nargs, replay_kwargs)
                 raise
@@ -231,13 +253,14 @@ class CioTask(Task):  # type: ignore[misc]
         except PermanentError as exc:
             exc.for_operation(op)
             # Customer.io answered: the service is up, whatever it thought of the input.
-            self._record(breaker, permit, "success")
+            self._leave(claims, breaker, claim, permit, "success")
             self._dead_letter(exc.reason, exc.status, nargs, replay_kwargs)
             raise
         except CioError:
+            self._leave(claims, breaker, claim, permit, "ignore")
             raise
         except Exception as exc:  # noqa: BLE001 - see the comment below
-            self._record(breaker, permit, "ignore")
+            self._leave(claims, breaker, claim, permit, "ignore")
             # A bug or an unexpected library error: its text may hold payload, so only
             # its type goes on, and the operation is kept for replay.
             reason = f"internal:{type(exc).__name__}"
@@ -246,9 +269,71 @@ class CioTask(Task):  # type: ignore[misc]
             _log(logging.ERROR, "internal_error", self, "dead_letter", error=type(exc).__name__, where=where)
             self._dead_letter(reason, None, nargs, replay_kwargs)
             raise PermanentError(op, reason) from None
-        self._record(breaker, permit, "success", time.monotonic() - started)
+        self._leave(claims, breaker, claim, permit, "success", time.monotonic() - started, delivered=True)
         _log(logging.INFO, "delivered", self, "delivered")
         return {"delivered": True, "attempts": retries + 1, **result}
+
+    def _review_ambiguous(self, settings: Settings) -> bool:
+        """A transactional send (no idempotency at Customer.io) set to go to review when it may have gone out."""
+        return self.operation in SEND_OPERATIONS and settings.ambiguous_policy(self.operation) == "dead_letter"
+
+    def _enter(
+        self, claims: Claims | None, breaker: Breaker | None, idempotency_key: str
+    ) -> tuple[Claim | None, Permit | None]:
+        """Claim the key and ask the breaker, in one round trip to Redis."""
+        calls: list[ScriptCall] = []
+        if claims is not None:
+            claim_call, claim_keys, claim_token = claims.claim_call(self.operation, idempotency_key)
+            calls.append(claim_call)
+        if breaker is not None:
+            acquire_call, permit_token = breaker.acquire_call()
+            calls.append(acquire_call)
+        results = run_scripts(self.cio_settings, calls)
+        claim = claims.claim_result(results[0], claim_keys, claim_token) if claims is not None else None
+        permit = breaker.acquire_result(results[-1], permit_token) if breaker is not None else None
+        return claim, permit
+
+    def _leave(
+        self,
+        claims: Claims | None,
+        breaker: Breaker | None,
+        claim: Claim | None,
+        permit: Permit | None,
+        outcome: Outcome,
+        duration: float | None = None,
+        delivered: bool = False,
+    ) -> None:
+        """Report the outcome to the breaker and mark done (or release) the claim, in one round trip."""
+        calls: list[ScriptCall] = []
+        if breaker is not None and permit is not None:
+            calls.append(breaker.record_call(permit, outcome, duration))
+        if claims is not None and claim is not None and claim.owned:
+            calls.append(claims.done_call(claim, self.request.id or "") if delivered else claims.release_call(claim))
+        if not calls:
+            return
+        try:
+            results = run_scripts(self.cio_settings, calls)
+        except (redis.RedisError, OSError) as exc:
+            # The delivery stands; the breaker loses one outcome, and an unreleased claim ends
+            # with its lease (a done mark lost here lets a redelivery through: it is logged).
+            _log(logging.WARNING, "store_update_failed", self, "ignored", error=type(exc).__name__,
+                 delivered=delivered)
+            return
+        if breaker is not None and permit is not None:
+            breaker.record_result(results[0], breaker._effective(outcome, duration))
+
+    def _free_retry(
+        self,
+        countdown: float,
+        exc: DeliveryError,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> NoReturn:
+        """Retry without spending an attempt (the store was down, or another worker held the claim)."""
+        meta["free"] = int(meta.get("free", 0)) + 1
+        kwargs[META_KEY] = meta
+        self._retry(countdown, exc, args, kwargs)
 
     def _effective_retries(self, meta: Mapping[str, Any]) -> int:
         """Attempts spent so far: before parking, plus this message's retries, minus free ones."""
@@ -266,17 +351,6 @@ class CioTask(Task):  # type: ignore[misc]
             retry_after_max=settings.retry_after_max,
             max_countdown=settings.max_countdown,
         )
-
-    def _record(
-        self, breaker: Breaker | None, permit: Permit | None, outcome: Any, duration: float | None = None
-    ) -> None:
-        if breaker is None or permit is None:
-            return
-        try:
-            breaker.record(permit, outcome, duration=duration)
-        except (redis.RedisError, OSError) as exc:
-            # The outcome is lost to the breaker's statistics; the delivery itself stands.
-            _log(logging.WARNING, "breaker_record_failed", self, "ignored", error=type(exc).__name__)
 
     def _park(
         self,
