@@ -64,6 +64,10 @@ logger = logging.getLogger("cio_celery")
 # retries, reroutes and dead-letter replays. It never collides with SDK parameters.
 META_KEY = "_cio"
 
+# 429 answers do not spend the retry budget; after this many times (max_retries + 1) of them
+# an operation goes to dead letters all the same.
+THROTTLE_BUDGET_FACTOR = 10
+
 
 def _log(level: int, event: str, task: Task, outcome: str, **extra: Any) -> None:
     # Structured fields only; never ids, emails or attribute values.
@@ -244,6 +248,18 @@ class CioTask(Task):  # type: ignore[misc]
             if exc.maybe_applied and self._review_ambiguous(settings):
                 self._dead_letter(f"ambiguous:{exc.reason}", exc.status, nargs, replay_kwargs)
                 raise
+            if exc.status == 429:
+                # Throttled, not failed: wait as told without spending the retry budget
+                # (bounded all the same, so a throttle that never ends still ends in review).
+                throttled = int(meta_d.get("throttled", 0)) + 1
+                if throttled > THROTTLE_BUDGET_FACTOR * (settings.max_retries + 1):
+                    self._dead_letter("retries_exhausted:http_429", 429, nargs, replay_kwargs)
+                    raise
+                meta_d["throttled"] = throttled
+                countdown = self._countdown(settings, throttled - 1, exc.retry_after)
+                _log(logging.WARNING, "retry", self, "retry", reason=exc.reason, countdown=round(countdown, 3),
+                     free=True)
+                self._free_retry(countdown, exc, nargs, replay_kwargs, meta_d)
             if retries >= settings.max_retries:
                 self._dead_letter(f"retries_exhausted:{exc.reason}", exc.status, nargs, replay_kwargs)
                 raise

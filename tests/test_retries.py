@@ -184,3 +184,23 @@ def test_missing_credentials_on_the_worker_dead_letter_with_the_setting_name(
     assert store.list()[0].reason == "not_configured"
     assert fake.requests == []
     assert any("CIO_APP_API_KEY is not set" in t for t in all_logs.texts)
+
+
+def test_429s_do_not_spend_the_retry_budget(worker_app: Any, fake: FakeCustomerIO) -> None:
+    # max_retries is 3 in this suite: six 429s in a row still end delivered.
+    fake.fail_next(6, status=429, retry_after=0)
+    cio_celery.track.delay("user-1", "throttled")
+    reqs = fake.wait_for_requests(7, timeout=20)
+    assert [r.status for r in reqs] == [429] * 6 + [200]
+    assert len(fake.wait_for_applied(1)) == 1
+    assert dlq(worker_app).count() == 0
+
+
+def test_a_throttle_that_never_ends_still_ends_in_dead_letters(worker_app: Any, fake: FakeCustomerIO) -> None:
+    configure(worker_app, max_retries=0)  # budget for 429s: 10 x (0 + 1)
+    fake.fail_next(50, status=429, retry_after=0)
+    cio_celery.identify.delay("user-1", plan="x")
+    wait_until(lambda: dlq(worker_app).count() == 1, timeout=30, what="the dead letter")
+    [letter] = dlq(worker_app).list()
+    assert letter.reason == "retries_exhausted:http_429"
+    assert len(fake.requests) == 11

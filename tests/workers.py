@@ -28,12 +28,14 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, broker_url: str, timeout: float = 30.0) -> WorkerProcess:
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "ab")
+        self._log_start = self.log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-P", "prefork",
              "-c", str(self.concurrency), "-Q", self.queues, "-n", f"{self.name}@%h", "--loglevel", "INFO",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             env=self.env, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() takes the pool children too
         )
         self.wait_ready(timeout)
         return self
@@ -43,7 +45,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited early:\n{self.tail()}")
-            if b"ready." in self.log_path.read_bytes():
+            if b"ready." in self.log_path.read_bytes()[self._log_start:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready in {timeout}s:\n{self.tail()}")
@@ -59,6 +61,18 @@ class WorkerProcess:
             return []
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
         return [int(p) for p in out.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once, as the OOM killer or a node loss would."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc = None
+        self.log.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:

@@ -245,6 +245,7 @@ class FakeCustomerIO:
         self._latency = 0.0
         self._failure_rate = 0.0
         self._failure_fault: _Fault | None = None
+        self._random_faults: list[tuple[float, _Fault]] = []
         self._outage: _Fault | None = None
         self._outage_until: float | None = None
         self._batch_item_predicate: BatchItemPredicate | None = None
@@ -478,6 +479,30 @@ class FakeCustomerIO:
             self._failure_rate = float(rate)
             self._failure_fault = fault
 
+    def set_random_faults(
+        self,
+        error_rate: float = 0.0,
+        statuses: Iterable[int] = (500, 502, 503, 504),
+        timeout_rate: float = 0.0,
+        timeout_delay: float = 5.0,
+    ) -> None:
+        """Chaos mix: a (seeded) random ``error_rate`` of requests fail with one of ``statuses``, and
+        ``timeout_rate`` are answered (and applied) only after ``timeout_delay`` seconds."""
+        codes = list(statuses)
+        if not codes or error_rate < 0 or timeout_rate < 0 or error_rate + timeout_rate > 1:
+            raise ValueError("rates must be >= 0 with a sum <= 1, and statuses non-empty")
+        for code in codes:
+            _check_status(code)
+        _check_seconds("timeout_delay", timeout_delay)
+        faults: list[tuple[float, _Fault]] = []
+        for code in codes:
+            faults.append((error_rate / len(codes), _Fault("random_error", "fail", code,
+                                                           message="injected random failure")))
+        if timeout_rate:
+            faults.append((timeout_rate, _Fault("random_timeout", "delay", delay=timeout_delay)))
+        with self._lock:
+            self._random_faults = faults
+
     def start_outage(
         self, duration: float | None = None, status: int = 503, retry_after: float | None = None
     ) -> None:
@@ -508,6 +533,7 @@ class FakeCustomerIO:
             self._latency = 0.0
             self._failure_rate = 0.0
             self._failure_fault = None
+            self._random_faults = []
             self._outage = None
             self._outage_until = None
             self._batch_item_predicate = None
@@ -522,6 +548,12 @@ class FakeCustomerIO:
         if self._failure_fault is not None and self._failure_rate > 0:
             if self._rng.random() < self._failure_rate:
                 return self._failure_fault
+        if self._random_faults:
+            draw = self._rng.random()
+            for rate, fault in self._random_faults:
+                if draw < rate:
+                    return fault
+                draw -= rate
         return None
 
     # ------------------------------------------------------------------ request processing

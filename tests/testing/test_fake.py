@@ -471,6 +471,21 @@ def test_failure_rate_fails_about_that_fraction(fake: FakeCustomerIO, track: req
     assert all(identify(fake, track).status_code == 200 for _ in range(10))
 
 
+def test_random_faults_mix_errors_and_slow_answers(fake: FakeCustomerIO, track: requests.Session) -> None:
+    fake.set_random_faults(error_rate=0.4, statuses=(500, 503), timeout_rate=0.1, timeout_delay=0.01)
+    codes = [identify(fake, track).status_code for _ in range(300)]
+    by_fault = fake.stats["by_fault"]
+    assert set(codes) == {200, 500, 503}
+    assert 80 <= codes.count(500) + codes.count(503) <= 160
+    assert 10 <= by_fault["random_timeout"] <= 55, by_fault
+    assert by_fault["random_error"] == codes.count(500) + codes.count(503)
+    assert len(fake.applied) == codes.count(200), "a slow answer is still applied"
+    fake.clear_faults()
+    assert all(identify(fake, track).status_code == 200 for _ in range(10))
+    with pytest.raises(ValueError):
+        fake.set_random_faults(error_rate=0.8, timeout_rate=0.3)
+
+
 def test_failure_rate_is_reproducible_with_a_seed() -> None:
     patterns = []
     for _ in range(2):

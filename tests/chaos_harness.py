@@ -1,0 +1,148 @@
+"""The chaos suite's cluster: private redis-servers (AOF on), real prefork workers, the fake.
+
+Every operation carries a unique sequence number (``seq``) so the fake can count how many
+times each one was applied; "exactly once" means applied once. Figures of each scenario go
+to stdout and, one JSON line per scenario, to ``$CIO_CHAOS_REPORT``
+(default ``/tmp/cio-chaos-report.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from cio_celery.deadletters import DeadLetters
+from cio_celery.fallback import Fallback
+from cio_celery.settings import settings_for_app
+from cio_celery.testing import FakeCustomerIO
+from cio_celery.testing.redis_server import RedisServer
+from tests.workers import WorkerProcess, worker_env
+
+# Fast clocks so a scenario fits in tens of seconds; the logic is the production logic.
+CHAOS_ENV = {
+    "CIO_TEST_VISIBILITY": "10",
+    "CIO_TEST_RESTORE_INTERVAL": "1",
+    "CIO_TEST_RESTORE_THROTTLE": "1",
+    "CIO_TIMEOUT": "0.5",
+    "CIO_TASK_TIME_LIMIT": "5",
+    "CIO_MAX_RETRIES": "40",
+    "CIO_RETRY_BACKOFF_BASE": "0.05",
+    "CIO_RETRY_BACKOFF_MAX": "1",
+    "CIO_RETRY_AFTER_MAX": "2",
+    "CIO_BREAKER_OPEN_BASE": "1",
+    "CIO_BREAKER_OPEN_MAX": "3",
+    "CIO_FALLBACK_RELEASE_RATE": "1000",
+    "CIO_FALLBACK_RELEASE_INTERVAL": "0.2",
+}
+
+
+@dataclass
+class Cluster:
+    fake: FakeCustomerIO
+    broker: RedisServer
+    store: RedisServer
+    broker_url: str
+    store_url: str
+    env: dict[str, str]
+    producer: Celery
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def task(self, operation: str) -> Any:
+        return self.producer.tasks[f"cio_celery.{operation}"]
+
+    def enqueue_track(self, n: int, start: int = 0) -> None:
+        track = self.task("track")
+        for i in range(start, start + n):
+            track.delay(f"user-{i % 97}", "chaos", {"seq": i})
+
+    def applied(self, operation: str = "track") -> Counter[int]:
+        """How many times each sequence number was applied by the fake."""
+        out: Counter[int] = Counter()
+        for a in self.fake.applied:
+            if a.operation != operation:
+                continue
+            body = a.json or {}
+            seq = body.get("data", {}).get("seq") if operation in {"track", "track_anonymous"} else body.get("seq")
+            if seq is not None:
+                out[int(seq)] += 1
+        return out
+
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(settings_for_app(self.producer), self.producer)
+
+    def fallback(self) -> Fallback:
+        return Fallback(settings_for_app(self.producer), self.producer)
+
+    def start_worker(self, name: str, concurrency: int = 2) -> WorkerProcess:
+        w = WorkerProcess(self.env, concurrency=concurrency, name=name).start(self.broker_url)
+        self.workers.append(w)
+        return w
+
+    def alive(self) -> bool:
+        return all(w.proc is not None and w.proc.poll() is None for w in self.workers if w.proc is not None)
+
+
+@contextmanager
+def chaos_cluster(
+    workers: int = 2, concurrency: int = 2, separate_store: bool = False, tmp: Path | None = None, **env: str
+) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        broker = stack.enter_context(RedisServer(appendonly=True))
+        store = stack.enter_context(RedisServer(appendonly=True)) if separate_store else broker
+        fake = stack.enter_context(FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak"))
+        broker_url = f"{broker.url}/0"
+        store_url = f"{store.url}/1"
+        full_env = worker_env(fake, broker_url, store_url, **{**CHAOS_ENV, **env})
+        producer = Celery("chaos-producer", broker=broker_url, set_as_current=False)
+        conf = {k.lower(): v for k, v in full_env.items() if k.startswith("CIO_") and not k.startswith("CIO_TEST")}
+        if tmp is not None:
+            conf["cio_spool_dir"] = str(tmp / "spool")
+        producer.conf.update(
+            conf,
+            broker_transport_options={"visibility_timeout": float(full_env["CIO_TEST_VISIBILITY"])},
+            broker_connection_retry_on_startup=True,
+        )
+        import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
+
+        producer.finalize(auto=True)
+        cluster = Cluster(fake, broker, store, broker_url, store_url, full_env, producer)
+        try:
+            for i in range(workers):
+                cluster.start_worker(f"chaos{i}", concurrency)
+            yield cluster
+        finally:
+            for w in cluster.workers:
+                if w.proc is not None:
+                    w.stop(timeout=20)
+
+
+def wait_all_applied(cluster: Cluster, n: int, timeout: float, operation: str = "track") -> float:
+    """Wait until every seq in range(n) was applied at least once; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if len(cluster.applied(operation)) >= n:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    got = cluster.applied(operation)
+    missing = sorted(set(range(n)) - set(got))[:20]
+    tails = "\n".join(f"--- {w.name}\n{w.tail(30)}" for w in cluster.workers)
+    raise AssertionError(f"{len(got)}/{n} applied after {timeout}s; first missing {missing}; "
+                         f"fake stats {cluster.fake.stats}; dead letters {cluster.dead_letters().count()}\n{tails}")
+
+
+def report(scenario: str, **figures: Any) -> None:
+    line = {"scenario": scenario, **figures}
+    print(f"\nchaos {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    path = os.environ.get("CIO_CHAOS_REPORT", "/tmp/cio-chaos-report.jsonl")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")

@@ -1,0 +1,187 @@
+"""Chaos suite: real prefork workers, real redis-servers (AOF on), the fake Customer.io.
+
+Each scenario enqueues operations with a unique ``seq`` and checks that each one was applied
+exactly once by the fake (which, like Customer.io, ignores an event whose id it already has),
+that none is left in dead letters, and reports its figures (see tests/chaos_harness.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cio_celery.breaker import Breaker
+from cio_celery.idempotency import Claims
+from cio_celery.settings import settings_for_app
+from tests.chaos_harness import chaos_cluster, report, wait_all_applied
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+
+def test_5000_operations_under_5xx_timeouts_and_429_bursts_are_each_applied_once() -> None:
+    n = 5000
+    with chaos_cluster(workers=2, concurrency=4) as c:
+        c.fake.set_random_faults(error_rate=0.30, timeout_rate=0.05, timeout_delay=0.7)
+        stop = threading.Event()
+        bursts = 0
+
+        def burst_429() -> None:
+            # Bursts while the bulk is in flight; a burst aimed at the last few stragglers
+            # would only hold them back, which is not what this scenario measures.
+            nonlocal bursts
+            while not stop.wait(2.0) and len(c.fake.applied) < 0.9 * n:
+                c.fake.fail_next(25, status=429, retry_after=1)
+                bursts += 1
+
+        burster = threading.Thread(target=burst_429, daemon=True)
+        started = time.monotonic()
+        burster.start()
+        c.enqueue_track(n)
+        took = wait_all_applied(c, n, timeout=240)
+        stop.set()
+        burster.join(5)
+        time.sleep(1.0)
+        applied = c.applied()
+        stats = c.fake.stats
+        assert sorted(applied) == list(range(n))
+        assert max(applied.values()) == 1, "an operation was applied twice"
+        assert c.dead_letters().count() == 0
+        assert c.alive()
+        report(
+            "faults",
+            operations=n,
+            applied=sum(applied.values()),
+            requests=stats["received"],
+            by_status=stats["by_status"],
+            by_fault=stats["by_fault"],
+            duplicate_requests_ignored_by_event_id=stats["duplicates_ignored"],
+            bursts_of_25_429=bursts,
+            dead_letters=0,
+            seconds=round(time.monotonic() - started, 1),
+            drain_seconds=round(took, 1),
+        )
+
+
+def test_a_worker_sigkilled_three_times_loses_nothing() -> None:
+    n_events, n_identify = 1500, 500
+    with chaos_cluster(workers=2, concurrency=2) as c:
+        c.fake.set_latency(0.01)
+        victim = c.workers[0]
+        identify = c.task("identify")
+        for i in range(n_events):
+            c.task("track").delay(f"user-{i % 97}", "chaos", {"seq": i})
+            if i < n_identify:
+                identify.delay(f"user-{i}", seq=i)
+        kills = 0
+        for round_ in range(3):
+            target = (round_ + 1) * n_events // 5
+            deadline = time.monotonic() + 60
+            while len(c.fake.applied) < target and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim.kill()
+            kills += 1
+            time.sleep(1.0)
+            victim.start(c.broker_url)
+        wait_all_applied(c, n_events, timeout=120)
+        wait_all_applied(c, n_identify, timeout=60, operation="identify")
+        time.sleep(1.0)
+        events = c.applied("track")
+        people = c.applied("identify")
+        stats = c.fake.stats
+        assert sorted(events) == list(range(n_events)) and max(events.values()) == 1
+        assert sorted(people) == list(range(n_identify))
+        assert c.dead_letters().count() == 0
+        identify_dupes = sum(v - 1 for v in people.values())
+        report(
+            "sigkill",
+            kills=kills,
+            events=n_events,
+            events_applied_twice=0,
+            event_requests_dropped_as_duplicates_by_the_fake=stats["duplicates_ignored"],
+            identify_ops=n_identify,
+            identify_applied_twice=identify_dupes,
+            requests=stats["received"],
+        )
+
+
+def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
+    n = 2000
+    with chaos_cluster(workers=2, concurrency=2) as c:
+        c.fake.set_latency(0.005)
+        c.enqueue_track(n)
+        deadline = time.monotonic() + 60
+        while len(c.fake.applied) < n // 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        applied_before = len(c.fake.applied)
+        c.broker.stop()
+        time.sleep(3.0)
+        c.broker.start()
+        took = wait_all_applied(c, n, timeout=120)
+        time.sleep(1.0)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert c.dead_letters().count() == 0
+        assert c.alive(), "a worker crashed"
+        report("redis_restart", operations=n, applied_before_restart=applied_before, redis_down_seconds=3,
+               seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
+               duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])
+
+
+def test_a_20_second_outage_trips_the_breaker_parks_and_delivers_everything_once_after() -> None:
+    n_before, n_during = 200, 800
+    with chaos_cluster(workers=2, concurrency=2) as c:
+        settings = settings_for_app(c.producer)
+        breaker = Breaker(settings)
+        c.enqueue_track(n_before)
+        wait_all_applied(c, n_before, timeout=60)
+        c.fake.start_outage(20.0, status=503)
+        outage_start = time.monotonic()
+        requests_at_start = c.fake.stats["received"]
+        for i in range(n_during):
+            c.task("track").delay(f"user-{i % 97}", "chaos", {"seq": n_before + i})
+            time.sleep(0.01)
+        trips = 0
+        peak_parked = 0
+        while time.monotonic() - outage_start < 20.0:
+            peak_parked = max(peak_parked, c.fallback().depth())
+            time.sleep(0.2)
+        outage_requests = c.fake.stats["received"] - requests_at_start
+        trips = breaker.status().trips
+        took = wait_all_applied(c, n_before + n_during, timeout=120)
+        time.sleep(1.0)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n_before + n_during)) and max(applied.values()) == 1
+        assert trips >= 1
+        assert peak_parked > 0
+        assert outage_requests < n_during / 4, "the breaker kept calls away from the dead upstream"
+        assert c.dead_letters().count() == 0
+        assert c.fallback().depth() == 0
+        report("outage_20s", operations=n_before + n_during, requests_during_outage=outage_requests,
+               trips=trips, peak_parked=peak_parked, seconds_to_deliver_all_after_outage=round(took, 1),
+               breaker_state_after=breaker.status().state)
+
+
+def test_the_same_operation_enqueued_twice_with_one_caller_key_is_applied_once() -> None:
+    n = 500
+    with chaos_cluster(workers=2, concurrency=2) as c:
+        c.fake.set_latency(0.01)
+        identify = c.task("identify")
+        for i in range(n):
+            # Both copies are in the queue together, so two worker processes race for them.
+            identify.apply_async((f"user-{i}",), {"seq": i}, idempotency_key=f"signup-{i}")
+            identify.apply_async((f"user-{i}",), {"seq": i}, idempotency_key=f"signup-{i}")
+        wait_all_applied(c, n, timeout=90, operation="identify")
+        claims = Claims(settings_for_app(c.producer))
+        deadline = time.monotonic() + 30
+        while sum(claims.suppressed().values()) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        applied = c.applied("identify")
+        assert sorted(applied) == list(range(n))
+        assert max(applied.values()) == 1, "a caller key was applied twice"
+        assert claims.suppressed() == {"identify": n}
+        assert c.fake.stats["received"] == n, "the second copy never reached Customer.io"
+        report("caller_key_twice", operations=n, enqueued=2 * n, applied=sum(applied.values()),
+               requests=c.fake.stats["received"], suppressed=claims.suppressed()["identify"])
+
