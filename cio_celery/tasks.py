@@ -141,6 +141,9 @@ class CioTask(Task):  # type: ignore[misc]
             options.setdefault("kwargsrepr", f"<{len(nkwargs) - 1} kwargs hidden>")
         if "queue" not in options and not self.app.conf.task_routes:
             options["queue"] = settings.queue
+        # A hard limit only: a soft one would raise inside the HTTP call. A killed attempt is
+        # requeued (reject_on_worker_lost) and its claim ends with the lease.
+        options.setdefault("time_limit", settings.task_time_limit)
         return super().apply_async(
             nargs_list,
             nkwargs,

@@ -10,6 +10,7 @@ import customerio
 import pytest
 
 import cio_celery
+from cio_celery.settings import settings_for_app
 from cio_celery.testing import FakeCustomerIO
 
 ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
@@ -127,3 +128,20 @@ def test_apply_async_and_signatures_go_through_the_same_path(worker_app: Any, fa
     cio_celery.identify.s("user-3", plan="b").apply_async()
     reqs = fake.wait_for_requests(2, timeout=15)
     assert sorted(r.path for r in reqs) == ["/api/v1/customers/user-2", "/api/v1/customers/user-3"]
+
+
+def test_each_message_carries_the_hard_time_limit_setting(celery_session_app: Any) -> None:
+    from celery import signals
+
+    seen: list[Any] = []
+
+    def on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
+        seen.append(headers.get("timelimit"))
+
+    signals.before_task_publish.connect(on_publish, weak=False)
+    try:
+        cio_celery.delete.delay("user-1")
+    finally:
+        signals.before_task_publish.disconnect(on_publish)
+    limit = settings_for_app(celery_session_app).task_time_limit
+    assert [list(t) for t in seen] == [[limit, None]]

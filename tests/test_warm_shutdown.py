@@ -1,0 +1,42 @@
+"""A warm shutdown (SIGTERM) finishes the deliveries in flight; the rest stay queued, none is lost."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.chaos_harness import chaos_cluster, wait_all_applied
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_finishes_in_flight_deliveries_and_leaves_the_rest_queued() -> None:
+    n = 12
+    with chaos_cluster(workers=1, concurrency=2, CIO_TIMEOUT="5") as c:
+        c.fake.set_latency(1.5)
+        c.enqueue_track(n)
+        worker = c.workers[0]
+        deadline = time.monotonic() + 20
+        while c.fake.stats["received"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        in_flight = c.fake.stats["received"]
+        assert in_flight >= 1
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0, "warm shutdown exits cleanly"
+        worker.proc = None
+        worker.log.close()
+        finished = c.applied()
+        # Everything that had reached Customer.io was finished (and acked), not cut off.
+        assert sum(finished.values()) == c.fake.stats["received"] >= in_flight
+        assert sum(finished.values()) < n, "the worker stopped taking new work"
+        assert "Warm shutdown" in worker.log_path.read_text()
+        c.fake.set_latency(0)
+        worker.start(c.broker_url)
+        wait_all_applied(c, n, timeout=30)
+        time.sleep(0.5)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert c.fake.stats["received"] == n, "nothing finished before the shutdown was sent again"
