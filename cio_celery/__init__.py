@@ -8,12 +8,14 @@ from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
     DeliveryError,
+    EnqueueError,
     PermanentError,
     StoreUnavailableError,
     TransientError,
     ValidationError,
 )
 from .settings import Settings, build_settings, configure, settings_for_app
+from .spool import FlushResult, flush_spool, spool_depth
 from .tasks import (
     CioTask,
     add_device,
@@ -46,6 +48,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetters",
     "DeliveryError",
+    "EnqueueError",
+    "FlushResult",
     "PermanentError",
     "Settings",
     "StoreUnavailableError",
@@ -59,6 +63,7 @@ __all__ = [
     "configure",
     "delete",
     "delete_device",
+    "flush_spool",
     "identify",
     "merge_customers",
     "pageview",
@@ -69,6 +74,7 @@ __all__ = [
     "send_sms",
     "send_whatsapp",
     "settings_for_app",
+    "spool_depth",
     "suppress",
     "track",
     "track_anonymous",

@@ -31,6 +31,7 @@ from .fallback import Fallback
 from .idempotency import Claim, Claims
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
 from .settings import SEND_OPERATIONS, Settings, settings_for_app
+from .spool import publisher_for, storable_options
 from .store import ScriptCall, run_scripts
 from .ulid import new_ulid
 from .validation import normalize
@@ -120,6 +121,7 @@ class CioTask(Task):  # type: ignore[misc]
         caller_key = options.pop("idempotency_key", None)
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)
+        new_operation = meta is None
         if meta is None:
             task_id = task_id or uuid()
             if caller_key is not None and (not isinstance(caller_key, str) or not caller_key.strip()):
@@ -144,15 +146,47 @@ class CioTask(Task):  # type: ignore[misc]
         # A hard limit only: a soft one would raise inside the HTTP call. A killed attempt is
         # requeued (reject_on_worker_lost) and its claim ends with the lease.
         options.setdefault("time_limit", settings.task_time_limit)
-        return super().apply_async(
-            nargs_list,
-            nkwargs,
-            task_id=task_id,
-            producer=producer,
-            link=link,
-            link_error=link_error,
-            shadow=shadow,
-            **options,
+        if not new_operation or self.app.conf.task_always_eager:
+            # Retries, reroutes and replays run in workers: a broker error there is Celery's
+            # to handle (the message being processed stays unacked until they succeed).
+            return super().apply_async(
+                nargs_list, nkwargs, task_id=task_id, producer=producer,
+                link=link, link_error=link_error, shadow=shadow, **options,
+            )
+        return self._publish_bounded(
+            nargs_list, nkwargs, cast(str, task_id), producer, link, link_error, shadow, options
+        )
+
+    def _publish_bounded(
+        self,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        task_id: str,
+        producer: Any,
+        link: Any,
+        link_error: Any,
+        shadow: str | None,
+        options: dict[str, Any],
+    ) -> Any:
+        """Publish within ``enqueue_timeout``; spool what the broker cannot take (see spool.py)."""
+        # Celery finds the parent task through a thread-local stack; the publish runs on
+        # another thread, so the caller's parent and root ids are resolved here.
+        parent = self.app.current_worker_task
+        if parent is not None and parent.request.id:
+            options.setdefault("root_id", parent.request.root_id or parent.request.id)
+            options.setdefault("parent_id", parent.request.id)
+        options.setdefault("ignore_result", self.ignore_result)
+        stored = storable_options({**options, "link": link, "link_error": link_error, "shadow": shadow})
+        entry = {"task": self.name, "args": args, "kwargs": kwargs, "task_id": task_id, "options": stored}
+
+        def send() -> Any:
+            return Task.apply_async(
+                self, args, kwargs, task_id=task_id, producer=producer,
+                link=link, link_error=link_error, shadow=shadow, **options,
+            )
+
+        return publisher_for(self.app, self.cio_settings).publish(
+            self, entry, send, in_caller_thread=producer is not None
         )
 
     # -- worker side -----------------------------------------------------------------

@@ -50,8 +50,11 @@ def fake_cio_session() -> Iterator[FakeCustomerIO]:
 
 
 @pytest.fixture(scope="session")
-def celery_config(broker_url: str, store_url: str, fake_cio_session: FakeCustomerIO) -> dict[str, Any]:
+def celery_config(
+    broker_url: str, store_url: str, fake_cio_session: FakeCustomerIO, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     return {
+        "cio_spool_dir": str(tmp_path_factory.mktemp("spool")),
         "broker_url": broker_url,
         # Only the embedded worker's ping check stores a result; our tasks ignore results.
         "result_backend": f"{broker_url.rsplit('/', 1)[0]}/2",
