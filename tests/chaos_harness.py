@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -104,8 +105,10 @@ def chaos_cluster(
         full_env = worker_env(fake, broker_url, store_url, **{**CHAOS_ENV, **env})
         producer = Celery("chaos-producer", broker=broker_url, set_as_current=False)
         conf = {k.lower(): v for k, v in full_env.items() if k.startswith("CIO_") and not k.startswith("CIO_TEST")}
-        if tmp is not None:
-            conf["cio_spool_dir"] = str(tmp / "spool")
+        # The producer's enqueue spool, never the user's default state directory.
+        spool_dir = str(tmp / "spool") if tmp is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="cio-chaos-spool-"))
+        conf["cio_spool_dir"] = spool_dir
         producer.conf.update(
             conf,
             broker_transport_options={"visibility_timeout": float(full_env["CIO_TEST_VISIBILITY"])},

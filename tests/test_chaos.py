@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from cio_celery.breaker import Breaker
 from cio_celery.idempotency import Claims
 from cio_celery.settings import settings_for_app
+from cio_celery.spool import spool_depth
 from tests.chaos_harness import chaos_cluster, report, wait_all_applied
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -127,6 +129,46 @@ def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
         report("redis_restart", operations=n, applied_before_restart=applied_before, redis_down_seconds=3,
                seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])
+
+
+def test_broker_down_10s_while_the_app_enqueues_1000_operations(tmp_path: Path) -> None:
+    n = 1000
+    with chaos_cluster(workers=2, concurrency=2, separate_store=True, tmp=tmp_path) as c:
+        c.fake.set_latency(0.002)
+        settings = settings_for_app(c.producer)
+        track = c.task("track")
+        track.delay("warm-up", "chaos", {"seq": -1})  # the producer's connection is made
+        c.broker.stop()
+        down_at = time.monotonic()
+        durations: list[float] = []
+        raised = 0
+        for i in range(n):
+            started = time.perf_counter()
+            try:
+                track.delay(f"user-{i % 97}", "chaos", {"seq": i})
+            except Exception:  # counted: the app must never see one
+                raised += 1
+            durations.append(time.perf_counter() - started)
+            time.sleep(max(0.0, down_at + 10.0 * (i + 1) / n - time.monotonic()))
+        spooled = spool_depth(c.producer)
+        time.sleep(max(0.0, down_at + 10.0 - time.monotonic()))
+        c.broker.start()
+        took = wait_all_applied(c, n, timeout=120)
+        time.sleep(1.0)
+        applied = c.applied()
+        applied.pop(-1, None)
+        assert raised == 0
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert spool_depth(c.producer) == 0
+        assert c.dead_letters().count() == 0
+        durations.sort()
+        bound = settings.enqueue_timeout + 0.5  # the wait, plus a spool write on a loaded CI disk
+        assert durations[-1] <= bound, f"slowest enqueue {durations[-1]:.3f}s"
+        report("broker_down_10s", operations=n, raised=raised, spooled_while_down=spooled,
+               enqueue_timeout=settings.enqueue_timeout, slowest_enqueue_ms=round(durations[-1] * 1000, 1),
+               p99_enqueue_ms=round(durations[int(n * 0.99)] * 1000, 2),
+               median_enqueue_ms=round(durations[n // 2] * 1000, 2),
+               seconds_to_deliver_all_after_broker_back=round(took, 1), requests=c.fake.stats["received"])
 
 
 def test_a_20_second_outage_trips_the_breaker_parks_and_delivers_everything_once_after() -> None:

@@ -1,0 +1,325 @@
+"""Start-up checks: each problem is reported under the setting to change, and nothing leaks a URL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Queue
+from kombu.transport.redis import Channel
+
+import cio_celery.tasks  # noqa: F401  (registers the shared cio_celery tasks on every app)
+from cio_celery.checks import (
+    ConfigProblem,
+    check_configuration,
+    check_worker,
+    log_configuration_problems,
+    recommended_celery_config,
+)
+from cio_celery.settings import Settings
+
+PASSWORD = "s3cretpw"
+QUEUES = ("cio", "cio.fallback")
+
+
+def make_app(broker: str, **conf: Any) -> Celery:
+    app = Celery("checks-test", set_as_current=False)
+    app.conf.update(broker_url=broker, **conf)
+    return app
+
+
+@pytest.fixture()
+def good_app(broker_url: str, store_url: str) -> Celery:
+    return make_app(broker_url, cio_redis_url=store_url, **recommended_celery_config(Settings()))
+
+
+@pytest.fixture()
+def store_client(store_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(store_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def redis_config(store_client: redis.Redis) -> Iterator[Callable[[str, str], None]]:
+    """Set a server setting for one test; the old value is restored after it."""
+    saved: dict[str, str] = {}
+
+    def set_config(name: str, value: str) -> None:
+        try:
+            old = str(store_client.config_get(name)[name])
+        except redis.ResponseError:
+            pytest.skip("CONFIG is disabled on the test Redis")
+        saved.setdefault(name, old)
+        store_client.config_set(name, value)
+
+    yield set_config
+    for name, value in saved.items():
+        store_client.config_set(name, value)
+
+
+def by_setting(problems: list[ConfigProblem], setting: str) -> list[ConfigProblem]:
+    return [p for p in problems if p.setting == setting]
+
+
+def only(problems: list[ConfigProblem], setting: str, severity: str) -> ConfigProblem:
+    found = by_setting(problems, setting)
+    assert len(found) == 1, problems
+    assert found[0].severity == severity
+    return found[0]
+
+
+# -- recommended_celery_config -------------------------------------------------------------
+
+
+def test_recommended_config_values() -> None:
+    conf = recommended_celery_config(Settings())
+    assert conf["task_acks_late"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["task_acks_on_failure_or_timeout"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["broker_connection_retry_on_startup"] is True
+    assert conf["broker_transport_options"] == {
+        "visibility_timeout": 3600.0,
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "unacked_restore_interval": 1.0,
+        "unacked_restore_throttle": 1,
+    }
+    # Every transport option is one kombu's Redis channel reads (unknown ones are ignored silently).
+    assert set(conf["broker_transport_options"]) <= set(Channel.from_transport_options)
+
+
+def test_recommended_visibility_timeout_follows_the_settings() -> None:
+    assert recommended_celery_config(Settings(visibility_timeout=900))["broker_transport_options"][
+        "visibility_timeout"] == 900.0
+    assert recommended_celery_config(Settings(), visibility_timeout=120)["broker_transport_options"][
+        "visibility_timeout"] == 120.0
+    # A long time limit needs a longer timeout than Redis' default to keep one attempt's margin.
+    long = Settings(task_time_limit=600, timeout=30)
+    vt = recommended_celery_config(long)["broker_transport_options"]["visibility_timeout"]
+    assert vt == 6300.0 and vt - long.max_countdown >= long.task_time_limit + long.timeout
+
+
+def test_recommended_config_reports_no_problems(
+    good_app: Celery, store_client: redis.Redis, redis_config: Callable[[str, str], None]
+) -> None:
+    redis_config("appendonly", "yes")
+    redis_config("maxmemory-policy", "noeviction")
+    assert check_configuration(good_app, consumer_queues=QUEUES, store=store_client) == []
+
+
+def test_problem_text() -> None:
+    p = ConfigProblem("worker_prefetch_multiplier", "is 4; set it to 1", "warning")
+    assert str(p) == "worker_prefetch_multiplier: is 4; set it to 1 (warning)"
+
+
+# -- one test per problem -------------------------------------------------------------------
+
+
+def test_prefetch_multiplier(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "worker_prefetch_multiplier": 4}
+    p = only(check_configuration(make_app(broker_url, **conf)), "worker_prefetch_multiplier", "warning")
+    assert p.problem.startswith("is 4;")
+    conf["worker_prefetch_multiplier"] = 0
+    p = only(check_configuration(make_app(broker_url, **conf)), "worker_prefetch_multiplier", "warning")
+    assert "unlimited" in p.problem
+
+
+def test_task_not_acks_late(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()),
+            "task_annotations": {"cio_celery.identify": {"acks_late": False}}}
+    problems = check_configuration(make_app(broker_url, **conf))
+    p = only(problems, "task_acks_late", "error")
+    assert "cio_celery.identify" in p.problem and "cio_celery.track" not in p.problem
+    assert by_setting(problems, "task_reject_on_worker_lost") == []
+
+
+def test_task_not_reject_on_worker_lost(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "task_annotations": {"*": {"reject_on_worker_lost": False}}}
+    p = only(check_configuration(make_app(broker_url, **conf)), "task_reject_on_worker_lost", "error")
+    assert "all 18 cio_celery tasks" in p.problem
+
+
+def test_visibility_timeout_shorter_than_one_attempt(broker_url: str) -> None:
+    conf = recommended_celery_config(Settings(), visibility_timeout=30)
+    p = only(check_configuration(make_app(broker_url, **conf)), "broker_transport_options.visibility_timeout",
+             "error")
+    assert "30 s" in p.problem and "70 s" in p.problem  # task_time_limit 60 + timeout 10
+
+
+def test_visibility_timeout_mismatch(broker_url: str) -> None:
+    app = make_app(broker_url, **recommended_celery_config(Settings(), visibility_timeout=1000))
+    # CIO_VISIBILITY_TIMEOUT set to another value than the broker's.
+    p = only(check_configuration(app, Settings(visibility_timeout=3600)), "CIO_VISIBILITY_TIMEOUT", "error")
+    assert "mismatch" in p.problem and "run twice" in p.problem
+    # Unset: max_countdown assumes Redis' default 3600 s, longer than the broker's 1000 s.
+    p = only(check_configuration(app, Settings()), "broker_transport_options.visibility_timeout", "error")
+    assert "mismatch" in p.problem
+    # From the app (settings_for_app reads the broker's value): consistent, nothing reported.
+    assert check_configuration(app) == []
+
+
+def test_time_limit_longer_than_the_visibility_margin(broker_url: str) -> None:
+    settings = Settings(task_time_limit=400)
+    app = make_app(broker_url, **recommended_celery_config(settings, visibility_timeout=3600))
+    p = only(check_configuration(app, settings), "CIO_TASK_TIME_LIMIT", "error")
+    assert "3240 s" in p.problem  # max_countdown: 90 % of 3600
+
+
+def test_backoff_longer_than_the_longest_countdown(broker_url: str) -> None:
+    app = make_app(broker_url, **recommended_celery_config(Settings(), visibility_timeout=600))
+    problems = check_configuration(app)  # max_countdown 540 s: below both defaults (600 s, 900 s)
+    assert "540 s" in only(problems, "CIO_RETRY_BACKOFF_MAX", "warning").problem
+    assert "clipped" in only(problems, "CIO_RETRY_AFTER_MAX", "warning").problem
+
+
+def test_long_running_tasks_not_cancelled_on_connection_loss(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "worker_cancel_long_running_tasks_on_connection_loss": False}
+    only(check_configuration(make_app(broker_url, **conf)),
+         "worker_cancel_long_running_tasks_on_connection_loss", "warning")
+
+
+def test_queues_not_consumed(good_app: Celery) -> None:
+    problems = check_configuration(good_app, consumer_queues=["celery"])
+    assert "'cio'" in only(problems, "CIO_QUEUE", "warning").problem
+    assert "'cio.fallback'" in only(problems, "CIO_FALLBACK_QUEUE", "warning").problem
+    assert check_configuration(good_app, consumer_queues=QUEUES) == []
+
+
+def test_queue_check_defers_to_task_routes(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "task_routes": {"cio_celery.*": {"queue": "mail"}}}
+    problems = check_configuration(make_app(broker_url, **conf), consumer_queues=["mail"])
+    assert by_setting(problems, "CIO_QUEUE") == []
+    only(problems, "CIO_FALLBACK_QUEUE", "warning")  # released with an explicit queue, routes or not
+
+
+def test_store_without_appendonly(
+    good_app: Celery, store_client: redis.Redis, redis_config: Callable[[str, str], None]
+) -> None:
+    redis_config("appendonly", "no")
+    p = only(check_configuration(good_app, store=store_client), "CIO_REDIS_URL", "warning")
+    assert "appendonly no" in p.problem
+
+
+def test_store_that_evicts(
+    good_app: Celery, store_client: redis.Redis, redis_config: Callable[[str, str], None]
+) -> None:
+    redis_config("appendonly", "yes")
+    redis_config("maxmemory-policy", "volatile-lru")
+    p = only(check_configuration(good_app, store=store_client), "CIO_REDIS_URL", "error")
+    assert "volatile-lru" in p.problem and "noeviction" in p.problem
+
+
+def test_store_client_without_decoding(
+    good_app: Celery, store_url: str, redis_config: Callable[[str, str], None]
+) -> None:
+    redis_config("appendonly", "no")
+    client = redis.Redis.from_url(store_url)  # bytes replies, like the package's own client
+    try:
+        assert "appendonly no" in only(check_configuration(good_app, store=client), "CIO_REDIS_URL",
+                                       "warning").problem
+    finally:
+        client.close()
+
+
+def test_always_eager(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "task_always_eager": True}
+    only(check_configuration(make_app(broker_url, **conf)), "task_always_eager", "warning")
+
+
+def test_invalid_cio_setting_is_reported_not_raised(broker_url: str) -> None:
+    app = make_app(broker_url, cio_timeout=-1, **recommended_celery_config(Settings()))
+    only(check_configuration(app), "CIO_TIMEOUT", "error")
+
+
+def test_visibility_checks_only_apply_to_redis() -> None:
+    app = make_app("amqp://guest@127.0.0.1:1//",
+                   **recommended_celery_config(Settings(), visibility_timeout=5))
+    assert check_configuration(app, Settings()) == []
+    redis_app = make_app("redis://127.0.0.1:1/0", **recommended_celery_config(Settings(), visibility_timeout=5))
+    only(check_configuration(redis_app, Settings()), "broker_transport_options.visibility_timeout", "error")
+
+
+# -- secrets, logging, the worker handler ------------------------------------------------------
+
+
+def test_no_message_contains_the_broker_password(caplog: pytest.LogCaptureFixture) -> None:
+    broker = f"redis://:{PASSWORD}@127.0.0.1:1/0"
+    # Everything wrong; the store (derived from the broker URL) is unreachable.
+    app = make_app(broker, worker_prefetch_multiplier=8, task_always_eager=True,
+                   broker_transport_options={"visibility_timeout": 20},
+                   task_annotations={"*": {"acks_late": False, "reject_on_worker_lost": False}})
+    caplog.set_level(logging.DEBUG)
+    problems = check_worker(SimpleNamespace(app=app, task_consumer=SimpleNamespace(queues=[Queue("x")])))
+    assert len(problems) >= 8
+    text = "\n".join([*map(str, problems), *map(repr, problems), caplog.text])
+    assert PASSWORD not in text and "127.0.0.1:1" not in text
+
+
+def test_log_configuration_problems(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="cio_celery.checks")
+    log_configuration_problems([ConfigProblem("a", "bad", "error"), ConfigProblem("b", "meh", "warning")])
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("cio_celery.checks", logging.ERROR, "cio_celery configuration: a: bad (error)"),
+        ("cio_celery.checks", logging.WARNING, "cio_celery configuration: b: meh (warning)"),
+    ]
+    other = logging.getLogger("checks-test")
+    log_configuration_problems([ConfigProblem("c", "x", "warning")], logger=other)
+    assert caplog.records[-1].name == "checks-test"
+
+
+def test_check_worker_returns_and_logs_problems(broker_url: str, store_url: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app(broker_url, cio_redis_url=store_url, worker_prefetch_multiplier=4)
+    consumer = SimpleNamespace(app=app, task_consumer=SimpleNamespace(queues=[Queue(q) for q in QUEUES]))
+    caplog.set_level(logging.WARNING, logger="cio_celery.checks")
+    problems = check_worker(consumer)
+    only(problems, "worker_prefetch_multiplier", "warning")
+    assert by_setting(problems, "CIO_QUEUE") == [] and by_setting(problems, "CIO_FALLBACK_QUEUE") == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "cio_celery.checks"]
+    assert logged == [f"cio_celery configuration: {p}" for p in problems]
+    # Without a task consumer the queue checks are skipped.
+    assert by_setting(check_worker(SimpleNamespace(app=app)), "CIO_QUEUE") == []
+
+
+def test_check_worker_with_the_store_down(broker_url: str) -> None:
+    app = make_app(broker_url, cio_redis_url="redis://127.0.0.1:1/0", **recommended_celery_config(Settings()))
+    problems = check_worker(SimpleNamespace(app=app))
+    p = only(problems, "CIO_REDIS_URL", "warning")
+    assert "ConnectionError" in p.problem
+
+
+def test_check_worker_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        @property
+        def app(self) -> Any:
+            raise RuntimeError("boom")
+
+    caplog.set_level(logging.ERROR, logger="cio_celery.checks")
+    assert check_worker(Broken()) == []
+    assert "the check failed (RuntimeError)" in caplog.text
+    assert check_worker() == [] and check_worker(object()) == []
+
+
+def test_check_worker_on_a_real_consumer(redis_base_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    broker = f"{redis_base_url}/5"  # a broker of its own: this worker must not take other tests' messages
+    app = make_app(broker, **recommended_celery_config(Settings()))
+    caplog.set_level(logging.WARNING, logger="cio_celery.checks")
+    try:
+        with start_worker(app, queues=["celery", "cio"], perform_ping_check=False, shutdown_timeout=5) as worker:
+            problems = check_worker(worker.consumer)
+    finally:
+        redis.Redis.from_url(broker).flushdb()
+    # The consumer's queues were read: the fallback queue is reported, the operations' queue is not.
+    only(problems, "CIO_FALLBACK_QUEUE", "warning")
+    assert by_setting(problems, "CIO_QUEUE") == []
+    assert all(p.setting == "CIO_FALLBACK_QUEUE" or p.setting == "CIO_REDIS_URL" for p in problems), problems
