@@ -1,0 +1,390 @@
+"""Start-up checks: the Celery and Redis settings that cio_celery's guarantees rest on.
+
+:func:`recommended_celery_config` gives the Celery settings to apply; :func:`check_configuration`
+inspects an app (and optionally the worker's queues and the store's Redis) and lists what
+breaks a guarantee; :func:`check_worker` does both from a ``worker_ready`` signal and logs
+the result. Messages name settings and values, never a URL or a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .exceptions import ConfigurationError
+from .settings import REDIS_DEFAULT_VISIBILITY_TIMEOUT, SETTINGS, Settings, build_settings, settings_for_app
+from .store import redis_for
+
+__all__ = [
+    "ConfigProblem",
+    "check_configuration",
+    "check_worker",
+    "log_configuration_problems",
+    "recommended_celery_config",
+]
+
+logger = logging.getLogger("cio_celery.checks")
+
+ERROR = "error"
+WARNING = "warning"
+
+_ENV = {s.name: s.env for s in SETTINGS}
+_VT = "broker_transport_options.visibility_timeout"
+
+
+def _env(name: str) -> str:
+    """The ``CIO_*`` environment variable of a settings field (the name users set)."""
+    return _ENV.get(name, name)
+
+
+def recommended_celery_config(
+    settings: Settings | None = None, *, visibility_timeout: float | None = None
+) -> dict[str, Any]:
+    """The Celery settings cio_celery needs, for ``app.conf.update(recommended_celery_config())``.
+
+    - ``task_acks_late``: acknowledge a message after the delivery, so a dead worker's operation is redelivered.
+    - ``worker_prefetch_multiplier`` 1: no operation waits, held unacknowledged, behind a slow delivery.
+    - ``task_reject_on_worker_lost``: a killed worker process requeues its operation instead of acknowledging it.
+    - ``task_acks_on_failure_or_timeout``: a failed operation (already dead-lettered) is acknowledged, not looped.
+    - ``worker_cancel_long_running_tasks_on_connection_loss``: no delivery keeps running while it is redelivered.
+    - ``broker_connection_retry_on_startup``: a worker started while the broker is down waits for it.
+    - ``broker_transport_options`` (Redis transport; ignored keys elsewhere):
+
+      - ``visibility_timeout``: seconds before an unacknowledged message is redelivered; it must outlast
+        the longest countdown plus one attempt (default: ``CIO_VISIBILITY_TIMEOUT``, else
+        ``max(3600, 10 x (task_time_limit + timeout))``; 3600 is Redis' default, which ``max_countdown`` assumes).
+      - ``socket_timeout`` 5: a publish or ack on a dead connection fails instead of hanging.
+      - ``socket_connect_timeout`` 5: connecting to an unreachable broker fails within 5 s.
+      - ``unacked_restore_interval`` 1.0: seconds between kombu's sweeps for abandoned unacked messages.
+      - ``unacked_restore_throttle`` 1: every sweep scans (kombu's default scans every 10th: one per 100 s).
+
+    ``broker_transport_options`` replaces the app's whole mapping: merge your own keys (a
+    Sentinel ``master_name`` ...) into it. ``settings`` defaults to the environment's
+    (``build_settings()``), so ``CIO_VISIBILITY_TIMEOUT`` is honoured.
+    """
+    s = build_settings() if settings is None else settings
+    if visibility_timeout is None:
+        if s.visibility_timeout is not None:
+            visibility_timeout = s.visibility_timeout
+        else:
+            # max_countdown is 90 % of it (for >= 600 s): the remaining 10 % covers one attempt.
+            visibility_timeout = max(REDIS_DEFAULT_VISIBILITY_TIMEOUT, 10.0 * (s.task_time_limit + s.timeout))
+    return {
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": float(visibility_timeout),
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "unacked_restore_interval": 1.0,
+            "unacked_restore_throttle": 1,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One configuration problem: the setting to change, what is wrong, ``error`` or ``warning``."""
+
+    setting: str
+    problem: str
+    severity: str  # "error" | "warning"
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.problem} ({self.severity})"
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+def _names(names: list[str], total: int) -> str:
+    if len(names) == total and total > 1:
+        return f"all {total} cio_celery tasks"
+    return ", ".join(sorted(names))
+
+
+def _cio_tasks(app: Any) -> list[Any]:
+    from .tasks import CioTask  # late: tasks imports the worker wiring, which may import this module
+
+    return [task for task in list(app.tasks.values()) if isinstance(task, CioTask)]
+
+
+def _check_tasks(app: Any) -> list[ConfigProblem]:
+    tasks = _cio_tasks(app)
+    problems: list[ConfigProblem] = []
+    not_late = [t.name for t in tasks if not t.acks_late]
+    if not_late:
+        problems.append(ConfigProblem(
+            "task_acks_late",
+            f"acks_late is off for {_names(not_late, len(tasks))} (task_annotations or a subclass): the "
+            "message is acknowledged before the delivery, so a worker that dies mid-delivery loses the operation",
+            ERROR,
+        ))
+    not_rejected = [t.name for t in tasks if not t.reject_on_worker_lost]
+    if not_rejected:
+        problems.append(ConfigProblem(
+            "task_reject_on_worker_lost",
+            f"reject_on_worker_lost is off for {_names(not_rejected, len(tasks))}: an operation whose worker "
+            "process is killed is acknowledged and lost instead of requeued",
+            ERROR,
+        ))
+    return problems
+
+
+def _check_worker_settings(conf: Any) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    multiplier = conf.worker_prefetch_multiplier
+    # worker_disable_prefetch (Celery >= 5.6, Redis only) fetches only what the pool can run.
+    if not conf.get("worker_disable_prefetch", False) and multiplier != 1:
+        shown = f"{multiplier} (unlimited)" if multiplier == 0 else str(multiplier)
+        problems.append(ConfigProblem(
+            "worker_prefetch_multiplier",
+            f"is {shown}; set it to 1: a prefetched operation waits behind a slow delivery, and with "
+            "acks_late it is held unacknowledged all the while",
+            WARNING,
+        ))
+    if not conf.worker_cancel_long_running_tasks_on_connection_loss:
+        problems.append(ConfigProblem(
+            "worker_cancel_long_running_tasks_on_connection_loss",
+            "is off: after a broker connection loss, deliveries already running keep going while their "
+            "unacknowledged messages are delivered again, so an operation can run twice",
+            WARNING,
+        ))
+    if conf.task_always_eager:
+        problems.append(ConfigProblem(
+            "task_always_eager",
+            "is on: operations run inline in the caller, without the broker; retries do not wait and nothing "
+            "survives a crash (tests only)",
+            WARNING,
+        ))
+    return problems
+
+
+def _broker_is_redis(app: Any) -> bool:
+    """Whether the app's broker transport is kombu's Redis transport (or Sentinel), without connecting."""
+    try:
+        from kombu.transport import resolve_transport
+        from kombu.transport.redis import Transport as RedisTransport
+
+        conn = app.connection_for_write()
+        try:
+            transport = resolve_transport(conn.transport_cls)
+        finally:
+            conn.release()
+        return isinstance(transport, type) and issubclass(transport, RedisTransport)
+    except Exception:  # noqa: BLE001 - an unknown transport is not Redis
+        return False
+
+
+def _broker_visibility_timeout(conf: Any) -> float:
+    from kombu.transport.redis import Channel
+
+    options = conf.broker_transport_options or {}
+    value = options.get("visibility_timeout")
+    return float(Channel.visibility_timeout if value is None else value)
+
+
+def _check_visibility_timeout(app: Any, s: Settings) -> list[ConfigProblem]:
+    if not _broker_is_redis(app):
+        return []
+    try:
+        vt = _broker_visibility_timeout(app.conf)
+    except (TypeError, ValueError):
+        return [ConfigProblem(_VT, "is not a number of seconds", ERROR)]
+    attempt = s.task_time_limit + s.timeout
+    if vt < attempt:
+        return [ConfigProblem(
+            _VT,
+            f"is {_fmt(vt)}, less than CIO_TASK_TIME_LIMIT + CIO_TIMEOUT ({_fmt(attempt)}): a delivery "
+            "still running is redelivered to a second worker",
+            ERROR,
+        )]
+    longest = s.max_countdown
+    if vt < longest:
+        if s.visibility_timeout is not None:
+            source = f"CIO_VISIBILITY_TIMEOUT ({_fmt(s.visibility_timeout)})"
+        else:
+            source = f"Redis' default visibility timeout ({_fmt(REDIS_DEFAULT_VISIBILITY_TIMEOUT)})"
+        return [ConfigProblem(
+            "CIO_VISIBILITY_TIMEOUT" if s.visibility_timeout is not None else _VT,
+            f"mismatch: the broker's {_VT} is {_fmt(vt)} but cio_celery schedules countdowns up to "
+            f"{_fmt(longest)} from {source}: countdowns longer than the broker's visibility timeout run "
+            f"twice; make CIO_VISIBILITY_TIMEOUT and {_VT} equal",
+            ERROR,
+        )]
+    if vt < longest + s.task_time_limit:
+        return [ConfigProblem(
+            "CIO_TASK_TIME_LIMIT",
+            f"is {_fmt(s.task_time_limit)}: a retry held for the longest countdown ({_fmt(longest)}) and then "
+            f"running up to the time limit outlives the broker's {_VT} ({_fmt(vt)}) and is redelivered "
+            "while it runs; raise the visibility timeout (recommended_celery_config() picks one) or lower "
+            "the time limit",
+            ERROR,
+        )]
+    return []
+
+
+def _check_countdowns(s: Settings) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    longest = s.max_countdown
+    for name, what in (("retry_backoff_max", "backoff waits"), ("retry_after_max", "Retry-After waits")):
+        value = float(getattr(s, name))
+        if value > longest:
+            problems.append(ConfigProblem(
+                _env(name),
+                f"is {_fmt(value)}, more than the longest countdown ({_fmt(longest)}, kept below the broker's "
+                f"visibility timeout): {what} are clipped to {_fmt(longest)}",
+                WARNING,
+            ))
+    return problems
+
+
+def _check_queues(app: Any, s: Settings, queues: Collection[str]) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    consumed = set(queues)
+    # With task_routes the operations go where the routes send them (tasks.CioTask.apply_async).
+    if not app.conf.task_routes and s.queue not in consumed:
+        problems.append(ConfigProblem(
+            _env("queue"),
+            f"queue {s.queue!r} is not consumed by this worker: it runs none of the operations sent there",
+            WARNING,
+        ))
+    if s.fallback_queue not in consumed:
+        problems.append(ConfigProblem(
+            _env("fallback_queue"),
+            f"queue {s.fallback_queue!r} is not consumed by this worker: operations parked during an outage "
+            "are released to it (by any worker's releaser) and wait there until a worker consumes it",
+            WARNING,
+        ))
+    return problems
+
+
+def _config_value(store: redis.Redis, name: str) -> str | None:
+    """One ``CONFIG GET`` value as text; ``None`` when the server does not say."""
+    reply: Any = store.config_get(name)
+    for key, value in dict(reply).items():
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        if k.lower() == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _check_store(store: redis.Redis) -> list[ConfigProblem]:
+    setting = _env("redis_url")
+    try:
+        appendonly = _config_value(store, "appendonly")
+        policy = _config_value(store, "maxmemory-policy")
+    except redis.ResponseError:
+        return []  # CONFIG is disabled or not permitted (managed Redis): nothing to inspect
+    except (redis.RedisError, OSError) as exc:
+        return [ConfigProblem(
+            setting, f"the store could not be inspected ({type(exc).__name__}); its persistence was not checked",
+            WARNING,
+        )]
+    problems: list[ConfigProblem] = []
+    if appendonly is not None and appendonly.lower() != "yes":
+        problems.append(ConfigProblem(
+            setting,
+            f"the store's Redis has appendonly {appendonly}: a Redis restart loses idempotency claims, breaker "
+            "state, parked operations and dead letters written since the last snapshot",
+            WARNING,
+        ))
+    if policy is not None and policy.lower() != "noeviction":
+        problems.append(ConfigProblem(
+            setting,
+            f"the store's Redis has maxmemory-policy {policy}; set noeviction: an evicted idempotency claim "
+            "lets an operation be sent twice, and evicted parked operations or dead letters are lost",
+            ERROR,
+        ))
+    return problems
+
+
+def check_configuration(
+    app: Any,
+    settings: Settings | None = None,
+    *,
+    consumer_queues: Collection[str] | None = None,
+    store: redis.Redis | None = None,
+) -> list[ConfigProblem]:
+    """What in ``app``'s configuration breaks a cio_celery guarantee; an empty list when nothing does.
+
+    It reads ``app.conf`` and the app's cio_celery tasks (as Celery resolved them: class
+    attributes, ``task_*`` settings, ``task_annotations``), and registers the tasks (finalises
+    the app) if that was not done yet. ``settings`` defaults to the app's (``settings_for_app``);
+    ``consumer_queues`` (the queues a worker consumes) turns on the queue checks; ``store``
+    (a client of the store's Redis) turns on the persistence checks, skipped when ``CONFIG``
+    is disabled. Nothing is written, nothing is raised for a bad setting: it is reported.
+    """
+    problems: list[ConfigProblem] = []
+    if settings is None:
+        try:
+            settings = settings_for_app(app)
+        except ConfigurationError as exc:
+            problems.append(ConfigProblem(_env(exc.setting), exc.problem, ERROR))
+    problems += _check_worker_settings(app.conf)
+    problems += _check_tasks(app)
+    if settings is not None:
+        problems += _check_visibility_timeout(app, settings)
+        problems += _check_countdowns(settings)
+        if consumer_queues is not None:
+            problems += _check_queues(app, settings, consumer_queues)
+    if store is not None:
+        problems += _check_store(store)
+    return problems
+
+
+def log_configuration_problems(problems: Iterable[ConfigProblem], logger: logging.Logger | None = None) -> None:
+    """Log each problem on ``cio_celery.checks``: errors at ERROR, warnings at WARNING."""
+    log = logger if logger is not None else logging.getLogger("cio_celery.checks")
+    for p in problems:
+        level = logging.ERROR if p.severity == ERROR else logging.WARNING
+        log.log(level, "cio_celery configuration: %s", p, extra={
+            "cio_event": "configuration_problem", "cio_setting": p.setting, "cio_severity": p.severity,
+        })
+
+
+def _consumer_queues(consumer: Any) -> list[str] | None:
+    """The names of the queues a worker's consumer consumes (``Consumer.task_consumer.queues``)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    queues = getattr(task_consumer, "queues", None)
+    if queues is None:
+        return None
+    return [str(q.name) for q in queues]
+
+
+def check_worker(sender: Any = None, **kwargs: Any) -> list[ConfigProblem]:
+    """A ``worker_ready`` handler: check the worker's app, queues and store, log the problems.
+
+    ``sender`` is the worker's consumer. An unreachable store is reported, not raised; this
+    never raises at all (an unexpected error is logged and an empty list returned).
+    """
+    try:
+        app = getattr(sender, "app", None)
+        if app is None:
+            return []
+        store: redis.Redis | None = None
+        settings: Settings | None = None
+        try:
+            settings = settings_for_app(app)
+        except ConfigurationError:
+            pass  # check_configuration reports it
+        if settings is not None and settings.redis_url:
+            try:
+                store = redis_for(settings)
+            except Exception:  # noqa: BLE001, S110 - no store client: the store checks are skipped
+                pass
+        problems = check_configuration(app, settings, consumer_queues=_consumer_queues(sender), store=store)
+        log_configuration_problems(problems)
+        return problems
+    except Exception as exc:  # noqa: BLE001 - a check must never stop a worker
+        logger.error("cio_celery configuration: the check failed (%s)", type(exc).__name__)
+        return []
