@@ -49,7 +49,6 @@ def recommended_celery_config(
     - ``task_acks_late``: acknowledge a message after the delivery, so a dead worker's operation is redelivered.
     - ``worker_prefetch_multiplier`` 1: no operation waits, held unacknowledged, behind a slow delivery.
     - ``task_reject_on_worker_lost``: a killed worker process requeues its operation instead of acknowledging it.
-    - ``task_acks_on_failure_or_timeout``: a failed operation (already dead-lettered) is acknowledged, not looped.
     - ``worker_cancel_long_running_tasks_on_connection_loss``: no delivery keeps running while it is redelivered.
     - ``broker_connection_retry_on_startup``: a worker started while the broker is down waits for it.
     - ``broker_transport_options`` (Redis transport; ignored keys elsewhere):
@@ -77,7 +76,6 @@ def recommended_celery_config(
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
         "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
@@ -135,6 +133,15 @@ def _check_tasks(app: Any) -> list[ConfigProblem]:
             "task_reject_on_worker_lost",
             f"reject_on_worker_lost is off for {_names(not_rejected, len(tasks))}: an operation whose worker "
             "process is killed is acknowledged and lost instead of requeued",
+            ERROR,
+        ))
+    acked_on_timeout = [t.name for t in tasks if getattr(t, "acks_on_timeout", None) or (
+        getattr(t, "acks_on_timeout", None) is None and t.acks_on_failure_or_timeout)]
+    if acked_on_timeout:
+        problems.append(ConfigProblem(
+            "task_acks_on_timeout",
+            f"acks_on_timeout is on for {_names(acked_on_timeout, len(tasks))}: a delivery killed by the hard "
+            "time limit is acknowledged and lost instead of requeued",
             ERROR,
         ))
     return problems

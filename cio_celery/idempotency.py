@@ -8,9 +8,10 @@ is skipped and counted as a suppressed duplicate.
 
 Key names hold a hash of the operation and its key, never customer data:
 ``{prefix}:idem:<sha256 hex>``. Beside each live claim an *attempt marker* (kept as long
-as a done key) remembers that an attempt started and never finished: the next claim
-sees it and reports ``recovered``, which tells a transactional send that its previous
-attempt died mid-call and may have been applied.
+as a done key) counts the attempts that started and never finished: the next claim
+reports them (``lost_attempts``), which tells a transactional send that its previous
+attempt died mid-call and may have been applied, and stops an operation that kills its
+worker every time from being redelivered for ever.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ __all__ = ["Claim", "Claims"]
 # KEYS: claim, attempt marker, stats hash. ARGV: token, lease ms, retention ms, operation.
 _CLAIM = """
 if redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local recovered = redis.call('EXISTS', KEYS[2])
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-  return {'claimed', recovered}
+  local lost = redis.call('INCR', KEYS[2]) - 1
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return {'claimed', lost}
 end
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 2) == 'd:' then
@@ -70,7 +71,12 @@ class Claim:
     keys: tuple[str, str]
     token: str
     held_for: float = 0.0  # seconds left on another worker's lease
-    recovered: bool = False  # an earlier attempt started and never finished
+    lost_attempts: int = 0  # earlier attempts that started and never finished
+
+    @property
+    def recovered(self) -> bool:
+        """An earlier attempt died mid-call (worker killed, hard time limit): it may have been applied."""
+        return self.lost_attempts > 0
 
     @property
     def owned(self) -> bool:
@@ -101,7 +107,7 @@ class Claims:
         state = res[0].decode() if isinstance(res[0], bytes) else str(res[0])
         value = int(res[1])
         if state == "claimed":
-            return Claim("claimed", keys, token, recovered=bool(value))
+            return Claim("claimed", keys, token, lost_attempts=value)
         if state == "done":
             return Claim("done", keys, token)
         return Claim("held", keys, token, held_for=max(0.0, value / 1000.0))

@@ -354,8 +354,9 @@ def _validate(s: Settings) -> None:
             raise ConfigurationError(name, "must be greater than 0")
     if s.on_broker_error not in {"spool", "raise"}:
         raise ConfigurationError("on_broker_error", "must be 'spool' or 'raise'")
-    if s.idempotency_lease is not None and s.idempotency_lease <= s.timeout:
-        raise ConfigurationError("idempotency_lease", "must exceed timeout (plus the task time limit)")
+    if s.idempotency_lease is not None and s.idempotency_lease <= min(s.timeout, s.task_time_limit):
+        # An attempt ends with its HTTP timeout or its hard time limit, whichever comes first.
+        raise ConfigurationError("idempotency_lease", "must exceed the shorter of timeout and task_time_limit")
     if s.idempotency_enabled and s.idempotency_retention < s.retry_horizon:
         raise ConfigurationError(
             "idempotency_retention",

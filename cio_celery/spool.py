@@ -158,10 +158,11 @@ class Spool:
             os.close(fd)
 
 
-def storable_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The message options as JSON: relative times made absolute, unknown options dropped."""
+def storable_options(options: dict[str, Any], at: float | None = None) -> dict[str, Any]:
+    """The message options as JSON: relative times made absolute (from ``at``, a unix time,
+    default now), unknown options dropped."""
     out: dict[str, Any] = {}
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.fromtimestamp(time.time() if at is None else at, dt.timezone.utc)
     for name, value in options.items():
         if value is None:
             continue
@@ -221,11 +222,19 @@ class SpoolingPublisher:
     # -- the caller's path -------------------------------------------------------------
 
     def publish(
-        self, task: Any, entry: dict[str, Any], send: Callable[[], Any], *, in_caller_thread: bool = False
+        self,
+        task: Any,
+        task_id: str,
+        entry: Callable[[], dict[str, Any]],
+        send: Callable[[], Any],
+        *,
+        in_caller_thread: bool = False,
     ) -> Any:
-        """Run ``send`` (which publishes ``entry``) within the bound; spool ``entry`` if it fails.
+        """Run ``send`` within the bound; if it fails, spool the message ``entry()`` describes.
 
-        Returns ``send``'s result, or ``task.AsyncResult(task_id)`` when the message was spooled.
+        ``entry`` is only called when the message is spooled (building it costs time on every
+        call otherwise). Returns ``send``'s result, or ``task.AsyncResult(task_id)`` when the
+        message was spooled.
         """
         operation = getattr(task, "operation", task.name)
         if self._open and time.monotonic() >= self._next_leftover_check:
@@ -233,32 +242,33 @@ class SpoolingPublisher:
         with self._state:
             gate_open = self._open
             if not gate_open:
-                self._spool_entry(operation, entry, None, "broker unavailable")
+                self._spool_entry(operation, entry(), None, "broker unavailable")
         if not gate_open:
-            return task.AsyncResult(entry["task_id"])
+            return task.AsyncResult(task_id)
         if in_caller_thread:
             try:
                 return send()
             except EncodeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any publish failure is the broker's
-                return self._failed(task, operation, entry, type(exc).__name__, None)
+                return self._failed(task, operation, task_id, entry, type(exc).__name__, None)
         ctx = contextvars.copy_context()
         future = self._pool.submit(ctx.run, send)
         try:
             return future.result(timeout=self.settings.enqueue_timeout)
         except concurrent.futures.TimeoutError:
-            return self._failed(task, operation, entry, "timed out", future)
+            return self._failed(task, operation, task_id, entry, "timed out", future)
         except EncodeError:
             raise
         except Exception as exc:  # noqa: BLE001
-            return self._failed(task, operation, entry, type(exc).__name__, None)
+            return self._failed(task, operation, task_id, entry, type(exc).__name__, None)
 
     def _failed(
         self,
         task: Any,
         operation: str,
-        entry: dict[str, Any],
+        task_id: str,
+        entry: Callable[[], dict[str, Any]],
         reason: str,
         future: concurrent.futures.Future[Any] | None,
     ) -> Any:
@@ -268,14 +278,14 @@ class SpoolingPublisher:
         with self._state:
             was_open = self._open
             self._open = False
-            self._spool_entry(operation, entry, future, reason)
+            self._spool_entry(operation, entry(), future, reason)
         if was_open:
             logger.warning(
                 "cio_celery spool: the broker did not take an operation within %.2fs (%s); "
                 "operations are spooled locally until it answers",
                 self.settings.enqueue_timeout, reason,
             )
-        return task.AsyncResult(entry["task_id"])
+        return task.AsyncResult(task_id)
 
     def _spool_entry(
         self, operation: str, entry: dict[str, Any], future: concurrent.futures.Future[Any] | None, reason: str

@@ -93,6 +93,12 @@ class CioTask(Task):  # type: ignore[misc]
     max_retries = None
     acks_late = True
     reject_on_worker_lost = True
+    # Celery acknowledges a message whose task hit the hard time limit when these are true
+    # (task_acks_on_failure_or_timeout defaults to True): the operation would be lost.
+    # False requeues it; the claim's lost-attempt count bounds the loop.
+    acks_on_timeout = False
+    acks_on_failure_or_timeout = False  # Celery 5.4 reads only this one
+    acks_on_failure = True  # a failed task was dead-lettered first
     typing = False  # normalize() binds arguments with errors that name the field
 
     @property
@@ -176,8 +182,11 @@ class CioTask(Task):  # type: ignore[misc]
             options.setdefault("root_id", parent.request.root_id or parent.request.id)
             options.setdefault("parent_id", parent.request.id)
         options.setdefault("ignore_result", self.ignore_result)
-        stored = storable_options({**options, "link": link, "link_error": link_error, "shadow": shadow})
-        entry = {"task": self.name, "args": args, "kwargs": kwargs, "task_id": task_id, "options": stored}
+        called_at = time.time()
+
+        def entry() -> dict[str, Any]:
+            stored = storable_options({**options, "link": link, "link_error": link_error, "shadow": shadow}, called_at)
+            return {"task": self.name, "args": args, "kwargs": kwargs, "task_id": task_id, "options": stored}
 
         def send() -> Any:
             return Task.apply_async(
@@ -186,7 +195,7 @@ class CioTask(Task):  # type: ignore[misc]
             )
 
         return publisher_for(self.app, self.cio_settings).publish(
-            self, entry, send, in_caller_thread=producer is not None
+            self, task_id, entry, send, in_caller_thread=producer is not None
         )
 
     # -- worker side -----------------------------------------------------------------
@@ -270,6 +279,11 @@ class CioTask(Task):  # type: ignore[misc]
         if permit is not None and not permit.allowed:
             self._leave(claims, None, claim, None, "ignore")
             return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
+        if claim is not None and claim.lost_attempts > settings.max_retries:
+            # Killed mid-call again and again (out of memory, a hang past the hard time limit).
+            self._leave(claims, breaker, claim, permit, "ignore")
+            self._dead_letter("worker_lost_repeatedly", None, nargs, replay_kwargs)
+            raise PermanentError(op, "worker_lost_repeatedly")
         if claim is not None and claim.recovered and self._review_ambiguous(settings):
             # The previous attempt's worker died mid-call: the send may have gone out.
             self._leave(claims, breaker, claim, permit, "ignore")

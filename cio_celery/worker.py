@@ -1,4 +1,5 @@
-"""Worker-side wiring: start the fallback releaser in every worker, stop it on shutdown."""
+"""Worker-side wiring: check the configuration and start the fallback releaser when a worker
+is ready, stop the releaser on shutdown."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from celery import signals
 
 from .breaker import breaker_for
+from .checks import check_worker
 from .fallback import Fallback, Releaser
 from .settings import settings_for_app
 
@@ -47,5 +49,6 @@ def _stop_releaser(sender: Any = None, **_: Any) -> None:
         releaser.stop()
 
 
+signals.worker_ready.connect(check_worker, weak=False)
 signals.worker_ready.connect(_start_releaser, weak=False)
 signals.worker_shutdown.connect(_stop_releaser, weak=False)

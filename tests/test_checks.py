@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -82,7 +83,7 @@ def test_recommended_config_values() -> None:
     assert conf["task_acks_late"] is True
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_reject_on_worker_lost"] is True
-    assert conf["task_acks_on_failure_or_timeout"] is True
+    assert "task_acks_on_failure_or_timeout" not in conf  # the tasks set their own (never ack a timeout)
     assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
     assert conf["broker_connection_retry_on_startup"] is True
     assert conf["broker_transport_options"] == {
@@ -271,6 +272,7 @@ def test_log_configuration_problems(caplog: pytest.LogCaptureFixture) -> None:
         ("cio_celery.checks", logging.WARNING, "cio_celery configuration: b: meh (warning)"),
     ]
     other = logging.getLogger("checks-test")
+    caplog.set_level(logging.DEBUG, logger="checks-test")  # an earlier worker may have raised root's level
     log_configuration_problems([ConfigProblem("c", "x", "warning")], logger=other)
     assert caplog.records[-1].name == "checks-test"
 
@@ -308,18 +310,22 @@ def test_check_worker_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     assert check_worker() == [] and check_worker(object()) == []
 
 
-def test_check_worker_on_a_real_consumer(redis_base_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    from celery.contrib.testing.worker import start_worker
+def test_a_real_worker_warns_at_start(tmp_path: Any, redis_base_url: str, store_url: str,
+                                      fake_cio_session: Any) -> None:
+    """``celery worker`` (a subprocess) runs the checks at worker_ready and logs each problem."""
+    from tests.workers import WorkerProcess, worker_env
 
-    broker = f"{redis_base_url}/5"  # a broker of its own: this worker must not take other tests' messages
-    app = make_app(broker, **recommended_celery_config(Settings()))
-    caplog.set_level(logging.WARNING, logger="cio_celery.checks")
+    broker = f"{redis_base_url}/5"  # its own broker db: it must not take other tests' messages
+    env = worker_env(fake_cio_session, broker, store_url, CIO_TEST_PREFETCH="4")
+    worker = WorkerProcess(env, concurrency=1, name="checks").start(broker)
     try:
-        with start_worker(app, queues=["celery", "cio"], perform_ping_check=False, shutdown_timeout=5) as worker:
-            problems = check_worker(worker.consumer)
+        deadline = time.monotonic() + 20
+        while "cio_celery configuration" not in worker.tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = worker.tail(200)
     finally:
+        worker.stop()
         redis.Redis.from_url(broker).flushdb()
-    # The consumer's queues were read: the fallback queue is reported, the operations' queue is not.
-    only(problems, "CIO_FALLBACK_QUEUE", "warning")
-    assert by_setting(problems, "CIO_QUEUE") == []
-    assert all(p.setting == "CIO_FALLBACK_QUEUE" or p.setting == "CIO_REDIS_URL" for p in problems), problems
+    assert "cio_celery configuration: worker_prefetch_multiplier: is 4" in log
+    # It consumes the operations' queue and the fallback queue: neither is reported.
+    assert "CIO_QUEUE" not in log and "CIO_FALLBACK_QUEUE" not in log
