@@ -9,7 +9,7 @@ the result. Messages name settings and values, never a URL or a credential.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,34 +116,32 @@ def _cio_tasks(app: Any) -> list[Any]:
     return [task for task in list(app.tasks.values()) if isinstance(task, CioTask)]
 
 
+def _acks_on_timeout(task: Any) -> bool:
+    explicit = getattr(task, "acks_on_timeout", None)  # Celery >= 5.5; 5.4 has only the combined flag
+    return bool(task.acks_on_failure_or_timeout if explicit is None else explicit)
+
+
+# (setting, is the task wrong, what is wrong with it); each is an error: the operation is lost.
+_TASK_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("task_acks_late", lambda t: not t.acks_late,
+     "acks_late is off for {tasks} (task_annotations or a subclass): the message is acknowledged "
+     "before the delivery, so a worker that dies mid-delivery loses the operation"),
+    ("task_reject_on_worker_lost", lambda t: not t.reject_on_worker_lost,
+     "reject_on_worker_lost is off for {tasks}: an operation whose worker process is killed is "
+     "acknowledged and lost instead of requeued"),
+    ("task_acks_on_timeout", _acks_on_timeout,
+     "acks_on_timeout is on for {tasks}: a delivery killed by the hard time limit is acknowledged "
+     "and lost instead of requeued"),
+]
+
+
 def _check_tasks(app: Any) -> list[ConfigProblem]:
     tasks = _cio_tasks(app)
     problems: list[ConfigProblem] = []
-    not_late = [t.name for t in tasks if not t.acks_late]
-    if not_late:
-        problems.append(ConfigProblem(
-            "task_acks_late",
-            f"acks_late is off for {_names(not_late, len(tasks))} (task_annotations or a subclass): the "
-            "message is acknowledged before the delivery, so a worker that dies mid-delivery loses the operation",
-            ERROR,
-        ))
-    not_rejected = [t.name for t in tasks if not t.reject_on_worker_lost]
-    if not_rejected:
-        problems.append(ConfigProblem(
-            "task_reject_on_worker_lost",
-            f"reject_on_worker_lost is off for {_names(not_rejected, len(tasks))}: an operation whose worker "
-            "process is killed is acknowledged and lost instead of requeued",
-            ERROR,
-        ))
-    acked_on_timeout = [t.name for t in tasks if getattr(t, "acks_on_timeout", None) or (
-        getattr(t, "acks_on_timeout", None) is None and t.acks_on_failure_or_timeout)]
-    if acked_on_timeout:
-        problems.append(ConfigProblem(
-            "task_acks_on_timeout",
-            f"acks_on_timeout is on for {_names(acked_on_timeout, len(tasks))}: a delivery killed by the hard "
-            "time limit is acknowledged and lost instead of requeued",
-            ERROR,
-        ))
+    for setting, wrong, text in _TASK_RULES:
+        names = [t.name for t in tasks if wrong(t)]
+        if names:
+            problems.append(ConfigProblem(setting, text.format(tasks=_names(names, len(tasks))), ERROR))
     return problems
 
 

@@ -118,6 +118,17 @@ def main() -> int:
             print(f"  breaker={st.state}  parked={fallback.depth()}  delivered={len(fake.applied)} "
                   f"(unique event ids: {len({a.event_id for a in fake.applied})})")
             say("every operation was delivered once; none was called while the breaker was open")
+
+            say("The same sign-up enqueued twice with one idempotency key")
+            fake.clear()
+            for _ in range(2):
+                identify.apply_async(("user-42",), {"plan": "pro"}, idempotency_key="signup-user-42")
+            from cio_celery.idempotency import Claims
+
+            claims = Claims(settings)
+            wait_for(lambda: claims.suppressed().get("identify", 0) >= 1, 30, "the duplicate to be suppressed")
+            print(f"  requests that reached Customer.io: {len(fake.requests)}; "
+                  f"suppressed duplicates: {claims.suppressed()}")
         finally:
             worker.terminate()
             worker.wait(20)

@@ -148,6 +148,16 @@ def test_task_not_reject_on_worker_lost(broker_url: str) -> None:
     assert "all 18 cio_celery tasks" in p.problem
 
 
+def test_task_acked_on_timeout(broker_url: str) -> None:
+    # The tasks requeue a delivery killed by the hard time limit; an annotation can undo that.
+    base = recommended_celery_config(Settings())
+    assert by_setting(check_configuration(make_app(broker_url, **base, task_acks_on_failure_or_timeout=True)),
+                      "task_acks_on_timeout") == []
+    conf = {**base, "task_annotations": {"cio_celery.send_email": {"acks_on_timeout": True}}}
+    p = only(check_configuration(make_app(broker_url, **conf)), "task_acks_on_timeout", "error")
+    assert "cio_celery.send_email" in p.problem and "hard time limit" in p.problem
+
+
 def test_visibility_timeout_shorter_than_one_attempt(broker_url: str) -> None:
     conf = recommended_celery_config(Settings(), visibility_timeout=30)
     p = only(check_configuration(make_app(broker_url, **conf)), "broker_transport_options.visibility_timeout",
