@@ -16,7 +16,6 @@ the same task id, and the idempotency claim delivers it once.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
@@ -25,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -190,6 +190,72 @@ def _publish_entry(app: Any, entry: dict[str, Any]) -> None:
     Task.apply_async(task, entry["args"], entry["kwargs"], task_id=entry["task_id"], **entry["options"])
 
 
+class _Call:
+    """One publish handed to a publisher thread; a lighter Future (no executor bookkeeping)."""
+
+    __slots__ = ("_callbacks", "_event", "_lock", "ctx", "done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.ctx = contextvars.copy_context()
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[_Call], None]] = []
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.ctx.run(self.fn)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+        with self._lock:
+            self.done = True
+            callbacks, self._callbacks = self._callbacks, []
+        self._event.set()
+        for callback in callbacks:
+            callback(self)
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def add_done_callback(self, callback: Callable[[_Call], None]) -> None:
+        with self._lock:
+            if not self.done:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+
+class _Threads:
+    """A few daemon threads running publishes: a caller can stop waiting for a hung one."""
+
+    def __init__(self, count: int) -> None:
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"cio-enqueue-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            call.run()
+
+    def submit(self, fn: Callable[[], Any]) -> _Call:
+        call = _Call(fn)
+        self._queue.put(call)
+        return call
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
 class SpoolingPublisher:
     """Publishes with a bounded wait; spools what the broker cannot take. One per app and process."""
 
@@ -197,7 +263,7 @@ class SpoolingPublisher:
         self.app = app
         self.settings = settings
         self._spool: Spool | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cio-enqueue")
+        self._threads: _Threads | None = None
         self._state = threading.Lock()  # the gate, and spool writes while it is closed
         self._spool_lock = threading.Lock()
         self._open = True
@@ -252,16 +318,18 @@ class SpoolingPublisher:
                 raise
             except Exception as exc:  # noqa: BLE001 - any publish failure is the broker's
                 return self._failed(task, operation, task_id, entry, type(exc).__name__, None)
-        ctx = contextvars.copy_context()
-        future = self._pool.submit(ctx.run, send)
-        try:
-            return future.result(timeout=self.settings.enqueue_timeout)
-        except concurrent.futures.TimeoutError:
-            return self._failed(task, operation, task_id, entry, "timed out", future)
-        except EncodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            return self._failed(task, operation, task_id, entry, type(exc).__name__, None)
+        if self._threads is None:
+            with self._spool_lock:
+                if self._threads is None:
+                    self._threads = _Threads(4)
+        call = self._threads.submit(send)
+        if not call.wait(self.settings.enqueue_timeout):
+            return self._failed(task, operation, task_id, entry, "timed out", call)
+        if call.error is None:
+            return call.result
+        if isinstance(call.error, EncodeError) or not isinstance(call.error, Exception):
+            raise call.error
+        return self._failed(task, operation, task_id, entry, type(call.error).__name__, None)
 
     def _failed(
         self,
@@ -270,7 +338,7 @@ class SpoolingPublisher:
         task_id: str,
         entry: Callable[[], dict[str, Any]],
         reason: str,
-        future: concurrent.futures.Future[Any] | None,
+        pending: _Call | None,
     ) -> Any:
         if self.settings.on_broker_error == "raise":
             # After a timeout the publish is still in flight and may yet land.
@@ -278,7 +346,7 @@ class SpoolingPublisher:
         with self._state:
             was_open = self._open
             self._open = False
-            self._spool_entry(operation, entry(), future, reason)
+            self._spool_entry(operation, entry(), pending, reason)
         if was_open:
             logger.warning(
                 "cio_celery spool: the broker did not take an operation within %.2fs (%s); "
@@ -288,23 +356,23 @@ class SpoolingPublisher:
         return task.AsyncResult(task_id)
 
     def _spool_entry(
-        self, operation: str, entry: dict[str, Any], future: concurrent.futures.Future[Any] | None, reason: str
+        self, operation: str, entry: dict[str, Any], pending: _Call | None, reason: str
     ) -> None:
         try:
-            row_id = self.spool.put(entry, hold=HOLD_SECONDS if future is not None else 0.0)
+            row_id = self.spool.put(entry, hold=HOLD_SECONDS if pending is not None else 0.0)
         except Exception as exc:  # noqa: BLE001 - disk full, permissions, locked database
             raise EnqueueError(
                 operation, f"{reason}; the local spool failed too ({type(exc).__name__})", spooled=False
             ) from None
-        if future is not None:
-            future.add_done_callback(functools.partial(self._resolved, row_id))
+        if pending is not None:
+            pending.add_done_callback(functools.partial(self._resolved, row_id))
         if not self._open:
             self._ensure_flusher()
 
-    def _resolved(self, row_id: int, future: concurrent.futures.Future[Any]) -> None:
+    def _resolved(self, row_id: int, pending: _Call) -> None:
         """A publish that timed out has ended: drop its row if it landed, else free it."""
         try:
-            if future.exception() is None:
+            if pending.error is None:
                 self.spool.delete(row_id)
             else:
                 self.spool.unhold(row_id)
@@ -376,7 +444,8 @@ class SpoolingPublisher:
         flusher = self._flusher
         if flusher is not None:
             flusher.join(timeout=5)
-        self._pool.shutdown(wait=False)
+        if self._threads is not None:
+            self._threads.shutdown()
 
 
 _PUBLISHERS: PerProcess[SpoolingPublisher] = PerProcess()
