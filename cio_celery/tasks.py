@@ -272,8 +272,9 @@ class CioTask(Task):  # type: ignore[misc]
                 _log(logging.INFO, "duplicate_suppressed", self, "suppressed")
                 self._send_event("task-cio-duplicate-suppressed")
                 return {"duplicate": True}
-            # Another live worker holds the claim: try again when its lease ends, never drop.
-            countdown = min(claim.held_for + random.uniform(0.0, 1.0), settings.max_countdown)
+            # Another worker holds the claim: look again, never drop. A live holder is done
+            # within one HTTP timeout; a dead one's lease ends within held_for.
+            countdown = min(min(claim.held_for, settings.timeout) + random.uniform(0.0, 1.0), settings.max_countdown)
             _log(logging.INFO, "claim_held", self, "retry", countdown=round(countdown, 3))
             self._free_retry(countdown, TransientError(op, "claimed_elsewhere"), nargs, replay_kwargs, meta_d)
         if permit is not None and not permit.allowed:

@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
 
 
 def main() -> int:
-    with RedisServer() as redis_server, FakeCustomerIO(
+    with RedisServer(appendonly=True) as redis_server, FakeCustomerIO(
         site_id="demo-site", track_api_key="demo-track-key", app_api_key="demo-app-key"
     ) as fake:
         env = {
