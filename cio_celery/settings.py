@@ -67,7 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app_url", "CIO_APP_URL", _str, "Base URL replacing the region's App API host."),
     Setting("redis_url", "CIO_REDIS_URL", _str,
         "Redis for breaker, idempotency, fallback and dead letters; defaults to the broker URL "
-        "when the broker is Redis.",
+        "when the broker is Redis. `django-redis://<alias>` reuses a django-redis cache's connection.",
     ),
     Setting("key_prefix", "CIO_KEY_PREFIX", _str, "Prefix of every Redis key (used as a hash tag)."),
     Setting("timeout", "CIO_TIMEOUT", float, "HTTP timeout in seconds for one Customer.io request."),
@@ -311,8 +311,10 @@ def _validate(s: Settings) -> None:
                 raise ConfigurationError(name, "must be an http(s) base URL such as https://host[:port]")
             if parts.query or parts.fragment:
                 raise ConfigurationError(name, "must not contain a query or fragment")
-    if s.redis_url is not None and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigurationError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    if s.redis_url is not None and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix", "django-redis"}:
+        raise ConfigurationError(
+            "redis_url", "must be a redis://, rediss:// or unix:// URL, or django-redis://<cache alias>"
+        )
     if not s.key_prefix or any(c in s.key_prefix for c in "{} "):
         raise ConfigurationError("key_prefix", "must be non-empty without braces or spaces")
     for name in ("timeout", "retry_backoff_base", "retry_backoff_max", "retry_after_max",

@@ -20,6 +20,10 @@ _clients: PerProcess[redis.Redis] = PerProcess()
 _scripts: PerProcess[Script] = PerProcess()
 
 
+# A redis_url of this form names a django-redis cache alias whose connection pool is reused.
+DJANGO_REDIS_SCHEME = "django-redis://"
+
+
 def redis_for(settings: Settings) -> redis.Redis:
     """This process's client for the store; raises ConfigurationError if none is configured."""
     url = settings.redis_url
@@ -27,6 +31,16 @@ def redis_for(settings: Settings) -> redis.Redis:
         raise ConfigurationError(
             "redis_url", "is not set and the Celery broker is not Redis (set CIO_REDIS_URL)"
         )
+    if url.startswith(DJANGO_REDIS_SCHEME):
+        # Reuse a django-redis connection pool: redis_url = "django-redis://<cache alias>".
+        alias = url[len(DJANGO_REDIS_SCHEME):] or "default"
+
+        def from_django() -> redis.Redis:
+            from django_redis import get_redis_connection
+
+            return get_redis_connection(alias)  # type: ignore[no-any-return]
+
+        return _clients.get(url, from_django)
     return _clients.get(
         url,
         lambda: redis.Redis.from_url(

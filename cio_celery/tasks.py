@@ -9,6 +9,7 @@ permanent ones.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -197,6 +198,28 @@ class CioTask(Task):  # type: ignore[misc]
         return publisher_for(self.app, self.cio_settings).publish(
             self, task_id, entry, send, in_caller_thread=producer is not None
         )
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``delay``, but publish only when the current Django transaction commits.
+
+        The arguments are validated now, so bad input raises in the caller even inside a
+        transaction; nothing is published if the transaction rolls back. Outside a
+        transaction (autocommit) the operation is published at once. Same signature as
+        Celery's own ``DjangoTask.delay_on_commit``.
+        """
+        self.apply_async_on_commit(args, kwargs)
+
+    def apply_async_on_commit(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> None:
+        """``apply_async`` run by ``transaction.on_commit`` (``using=`` picks the database)."""
+        from django.db import transaction  # Django is an optional dependency
+
+        kw = dict(kwargs or {})
+        if META_KEY not in kw:
+            normalize(self.operation, tuple(args or ()), kw)
+        using = options.pop("using", None)
+        transaction.on_commit(functools.partial(self.apply_async, args, kwargs, **options), using=using)
 
     # -- worker side -----------------------------------------------------------------
 
