@@ -165,6 +165,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool_flush_interval", "CIO_SPOOL_FLUSH_INTERVAL", float,
         "Seconds between two attempts to flush the spool to the broker.",
     ),
+    Setting("rate_limit_track", "CIO_RATE_LIMIT_TRACK", float,
+        "Most Track API requests per second for the whole cluster (Customer.io documents 100); 0: no limit.",
+    ),
+    Setting("rate_limit_transactional", "CIO_RATE_LIMIT_TRANSACTIONAL", float,
+        "Most transactional (App API `/v1/send/*`) requests per second for the whole cluster "
+        "(Customer.io documents 100); 0: no limit.",
+    ),
+    Setting("rate_limit_headroom", "CIO_RATE_LIMIT_HEADROOM", float,
+        "Fraction of each limit left unused, so network jitter cannot push a 1 s window at "
+        "Customer.io over it.",
+    ),
+    Setting("rate_limit_burst", "CIO_RATE_LIMIT_BURST", int,
+        "Requests that may start at once when the limiter has been idle (1: evenly spaced).",
+    ),
+    Setting("rate_limit_max_sleep", "CIO_RATE_LIMIT_MAX_SLEEP", float,
+        "Longest wait for a rate-limit slot spent sleeping in the worker; longer waits reschedule "
+        "the task (no retry attempt spent, no worker process held).",
+    ),
 )
 
 SEND_OPERATIONS = ("send_email", "send_push", "send_sms", "send_whatsapp", "send_inbox_message", "send_in_app")
@@ -220,6 +238,11 @@ class Settings:
     on_broker_error: str = "spool"
     spool_dir: str | None = None
     spool_flush_interval: float = 1.0
+    rate_limit_track: float = 100.0
+    rate_limit_transactional: float = 100.0
+    rate_limit_headroom: float = 0.05
+    rate_limit_burst: int = 1
+    rate_limit_max_sleep: float = 0.05
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -346,6 +369,13 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("breaker_open_max", "must be at least breaker_open_base")
     if s.breaker_probe_lease is not None and s.breaker_probe_lease <= s.timeout:
         raise ConfigurationError("breaker_probe_lease", "must exceed timeout (plus the task time limit)")
+    for name in ("rate_limit_track", "rate_limit_transactional", "rate_limit_max_sleep"):
+        if getattr(s, name) < 0:
+            raise ConfigurationError(name, "must be 0 or more")
+    if not 0 <= s.rate_limit_headroom < 1:
+        raise ConfigurationError("rate_limit_headroom", "must be in [0, 1)")
+    if s.rate_limit_burst < 1:
+        raise ConfigurationError("rate_limit_burst", "must be at least 1")
     if s.breaker_on_store_error not in {"retry", "allow"}:
         raise ConfigurationError("breaker_on_store_error", "must be 'retry' or 'allow'")
     if not s.queue or not s.fallback_queue or s.queue == s.fallback_queue:

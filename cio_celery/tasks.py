@@ -30,6 +30,7 @@ from .deadletters import DeadLetters
 from .exceptions import CioError, DeliveryError, PermanentError, TransientError, ValidationError
 from .fallback import Fallback
 from .idempotency import Claim, Claims
+from .limiter import Limiter, Slot, bucket_of
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
 from .settings import SEND_OPERATIONS, Settings, settings_for_app
 from .spool import publisher_for, storable_options
@@ -277,18 +278,19 @@ class CioTask(Task):  # type: ignore[misc]
         retries = self._effective_retries(meta_d)
         claims = Claims(settings) if settings.idempotency_enabled else None
         breaker = breaker_for(settings) if settings.breaker_enabled else None
+        limiter = Limiter(settings)
         claim: Claim | None = None
         permit: Permit | None = None
-        if claims is not None or breaker is not None:
-            try:
-                claim, permit = self._enter(claims, breaker, str(meta_d.get("key") or self.request.id))
-            except (redis.RedisError, OSError) as store_exc:
-                if settings.breaker_on_store_error != "allow":
-                    # Never call Customer.io unguarded: try later, without spending an attempt.
-                    _log(logging.WARNING, "store_unavailable", self, "retry", error=type(store_exc).__name__)
-                    self._free_retry(self._countdown(settings, retries, None), TransientError(op, "store_unavailable"),
-                                     nargs, replay_kwargs, meta_d)
-                # breaker_on_store_error == "allow": call Customer.io unguarded (no claim, no permit).
+        slot: Slot | None = None
+        try:
+            claim, permit, slot = self._enter(claims, breaker, limiter, str(meta_d.get("key") or self.request.id))
+        except (redis.RedisError, OSError) as store_exc:
+            if settings.breaker_on_store_error != "allow":
+                # Never call Customer.io unguarded: try later, without spending an attempt.
+                _log(logging.WARNING, "store_unavailable", self, "retry", error=type(store_exc).__name__)
+                self._free_retry(self._countdown(settings, retries, None), TransientError(op, "store_unavailable"),
+                                 nargs, replay_kwargs, meta_d)
+            # breaker_on_store_error == "allow": call Customer.io unguarded (no claim, no permit).
         if claim is not None and not claim.owned:
             self._leave(claims, breaker, None, permit, "ignore")  # hands back a probe permit, if any
             if claim.state == "done":
@@ -313,13 +315,23 @@ class CioTask(Task):  # type: ignore[misc]
             self._leave(claims, breaker, claim, permit, "ignore")
             self._dead_letter("ambiguous:worker_lost", None, nargs, replay_kwargs)
             raise PermanentError(op, "ambiguous:worker_lost")
+        if slot is not None and not slot.granted:
+            # Over the cluster's rate (or paused by a 429): come back when a slot is free,
+            # without spending an attempt and without holding this worker process.
+            self._leave(claims, breaker, claim, permit, "ignore")
+            countdown = min(slot.wait + random.uniform(0.0, min(slot.wait, 1.0)), settings.max_countdown)
+            _log(logging.INFO, "rate_limited", self, "retry", countdown=round(countdown, 3))
+            self._free_retry(countdown, TransientError(op, "rate_limited"), nargs, replay_kwargs, meta_d)
+        if slot is not None and slot.wait > 0:
+            time.sleep(slot.wait)  # a reserved slot a few milliseconds away
         started = time.monotonic()
         try:
             result = perform(clients_for(settings), op, list(nargs), nkwargs, event_id)
         except TransientError as exc:
             exc.for_operation(op)
             # A 429 says "slow down", not "down": it must not trip the breaker.
-            self._leave(claims, breaker, claim, permit, "ignore" if exc.status == 429 else "failure")
+            self._leave(claims, breaker, claim, permit, "ignore" if exc.status == 429 else "failure",
+                        pause=(exc.retry_after or 1.0) if exc.status == 429 else None)
             if exc.maybe_applied and self._review_ambiguous(settings):
                 self._dead_letter(f"ambiguous:{exc.reason}", exc.status, nargs, replay_kwargs)
                 raise
@@ -369,9 +381,9 @@ class CioTask(Task):  # type: ignore[misc]
         return self.operation in SEND_OPERATIONS and settings.ambiguous_policy(self.operation) == "dead_letter"
 
     def _enter(
-        self, claims: Claims | None, breaker: Breaker | None, idempotency_key: str
-    ) -> tuple[Claim | None, Permit | None]:
-        """Claim the key and ask the breaker, in one round trip to Redis."""
+        self, claims: Claims | None, breaker: Breaker | None, limiter: Limiter | None, idempotency_key: str
+    ) -> tuple[Claim | None, Permit | None, Slot | None]:
+        """Claim the key, ask the breaker and the rate limiter, in one round trip to Redis."""
         calls: list[ScriptCall] = []
         if claims is not None:
             claim_call, claim_keys, claim_token = claims.claim_call(self.operation, idempotency_key)
@@ -379,10 +391,17 @@ class CioTask(Task):  # type: ignore[misc]
         if breaker is not None:
             acquire_call, permit_token = breaker.acquire_call()
             calls.append(acquire_call)
+        limit_call = limiter.acquire_call(bucket_of(self.operation)) if limiter is not None else None
+        if limit_call is not None:
+            calls.append(limit_call)
+        if not calls:
+            return None, None, None
         results = run_scripts(self.cio_settings, calls)
         claim = claims.claim_result(results[0], claim_keys, claim_token) if claims is not None else None
-        permit = breaker.acquire_result(results[-1], permit_token) if breaker is not None else None
-        return claim, permit
+        permit = breaker.acquire_result(results[1 if claims is not None else 0], permit_token) \
+            if breaker is not None else None
+        slot = Limiter.acquire_result(results[-1]) if limit_call is not None else None
+        return claim, permit, slot
 
     def _leave(
         self,
@@ -393,13 +412,17 @@ class CioTask(Task):  # type: ignore[misc]
         outcome: Outcome,
         duration: float | None = None,
         delivered: bool = False,
+        pause: float | None = None,
     ) -> None:
-        """Report the outcome to the breaker and mark done (or release) the claim, in one round trip."""
+        """Report the outcome to the breaker and mark done (or release) the claim, in one round
+        trip; ``pause`` (a 429's Retry-After) pauses the rate limiter for every worker."""
         calls: list[ScriptCall] = []
         if breaker is not None and permit is not None:
             calls.append(breaker.record_call(permit, outcome, duration))
         if claims is not None and claim is not None and claim.owned:
             calls.append(claims.done_call(claim, self.request.id or "") if delivered else claims.release_call(claim))
+        if pause is not None and Limiter(self.cio_settings).rate_of(bucket_of(self.operation)) > 0:
+            calls.append(Limiter(self.cio_settings).pause_call(bucket_of(self.operation), pause))
         if not calls:
             return
         try:
@@ -421,7 +444,8 @@ class CioTask(Task):  # type: ignore[misc]
         kwargs: dict[str, Any],
         meta: dict[str, Any],
     ) -> NoReturn:
-        """Retry without spending an attempt (the store was down, or another worker held the claim)."""
+        """Retry without spending an attempt (the store was down, another worker held the claim,
+        or the rate limiter said wait)."""
         meta["free"] = int(meta.get("free", 0)) + 1
         kwargs[META_KEY] = meta
         self._retry(countdown, exc, args, kwargs)

@@ -43,6 +43,8 @@ CHAOS_ENV = {
     "CIO_BREAKER_OPEN_MAX": "3",
     "CIO_FALLBACK_RELEASE_RATE": "1000",
     "CIO_FALLBACK_RELEASE_INTERVAL": "0.2",
+    # The limiter stays on (a 429 pauses it for every worker) but does not set the pace.
+    "CIO_RATE_LIMIT_TRACK": "1000",
 }
 
 

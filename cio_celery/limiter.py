@@ -1,0 +1,123 @@
+"""A cluster-wide rate limiter in Redis: GCRA, one Lua script, one bucket per API.
+
+Celery's ``rate_limit`` is per worker process; Customer.io's limits are per workspace. Every
+worker process on every host asks the same Redis key before a request, in the same round
+trip as the idempotency claim and the breaker.
+
+GCRA keeps one number per bucket, the *theoretical arrival time* (TAT). A request may start
+at ``TAT - burst x interval``; starting it moves TAT on by one ``interval``. The limiter
+answers with the wait before the request's slot:
+
+- no wait: go;
+- a wait up to ``rate_limit_max_sleep``: the slot is *reserved* (TAT moves on) and the
+  worker sleeps that long in place, which costs less than rescheduling the task;
+- a longer wait: nothing is reserved and the task is rescheduled after the wait, without
+  spending a retry attempt and without holding a worker process.
+
+A 429 pauses the bucket for every worker until its Retry-After ends. Time is Redis' ``TIME``,
+never a worker's clock. The configured limit is a ceiling: the limiter schedules at
+``limit x (1 - rate_limit_headroom)`` so that network jitter between two workers' requests
+does not push any 1 s window at Customer.io over the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .operations import APP_OPERATIONS
+from .settings import Settings
+from .store import ScriptCall, key, run_script
+
+__all__ = ["Limiter", "Slot", "bucket_of"]
+
+# KEYS: tat, pause. ARGV: interval us, burst, max sleep us.
+# Returns {granted (1/0), wait us}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+if paused > now then
+  return {0, paused - now}
+end
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local start = tat - (tonumber(ARGV[2]) - 1) * interval
+local wait = start - now
+if wait < 0 then wait = 0 end
+if wait > tonumber(ARGV[3]) then
+  return {0, wait}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
+return {1, wait}
+"""
+
+# KEYS: pause. ARGV: pause us. Extends a pause, never shortens it.
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local untl = now + tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if untl > cur then
+  redis.call('SET', KEYS[1], tostring(untl), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+end
+return 1
+"""
+
+
+def bucket_of(operation: str) -> str:
+    """``track`` or ``transactional``: whose limit an operation's request counts against.
+
+    Every App API call the SDK makes is a transactional send (``/v1/send/*``).
+    """
+    return "transactional" if operation in APP_OPERATIONS else "track"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The limiter's answer: ``granted`` (after sleeping ``wait`` s) or not (reschedule after ``wait``)."""
+
+    granted: bool
+    wait: float
+
+
+class Limiter:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def rate_of(self, bucket: str) -> float:
+        """Requests per second for ``bucket`` (0: unlimited)."""
+        s = self.settings
+        limit = s.rate_limit_transactional if bucket == "transactional" else s.rate_limit_track
+        return limit * (1.0 - s.rate_limit_headroom)
+
+    def _keys(self, bucket: str) -> list[str]:
+        return [key(self.settings, "rl", bucket), key(self.settings, "rl", bucket, "pause")]
+
+    def acquire_call(self, bucket: str) -> ScriptCall | None:
+        rate = self.rate_of(bucket)
+        if rate <= 0:
+            return None
+        s = self.settings
+        args = [int(1_000_000 / rate), max(1, s.rate_limit_burst), int(s.rate_limit_max_sleep * 1_000_000)]
+        return ScriptCall(_ACQUIRE, self._keys(bucket), args)
+
+    @staticmethod
+    def acquire_result(res: Any) -> Slot:
+        return Slot(granted=bool(int(res[0])), wait=int(res[1]) / 1_000_000)
+
+    def acquire(self, bucket: str) -> Slot:
+        call = self.acquire_call(bucket)
+        if call is None:
+            return Slot(True, 0.0)
+        return self.acquire_result(run_script(self.settings, call.text, call.keys, call.args))
+
+    def pause_call(self, bucket: str, seconds: float) -> ScriptCall:
+        """Stop every worker's requests to ``bucket`` for ``seconds`` (a 429's Retry-After)."""
+        return ScriptCall(_PAUSE, [self._keys(bucket)[1]], [int(seconds * 1_000_000)])
+
+    def pause(self, bucket: str, seconds: float) -> None:
+        call = self.pause_call(bucket, seconds)
+        run_script(self.settings, call.text, call.keys, call.args)

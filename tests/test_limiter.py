@@ -1,0 +1,119 @@
+"""The cluster-wide rate limiter: GCRA in one Lua script, shared by every process, paused by a 429."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from cio_celery.limiter import Limiter, bucket_of
+from cio_celery.settings import Settings
+from tests.chaos_harness import chaos_cluster, wait_all_applied
+
+
+def limiter(store_url: str, **changes: Any) -> Limiter:
+    return Limiter(Settings(redis_url=store_url, **changes))
+
+
+def test_buckets() -> None:
+    assert bucket_of("track") == "track" and bucket_of("identify") == "track" and bucket_of("batch") == "track"
+    assert bucket_of("send_email") == "transactional" and bucket_of("send_sms") == "transactional"
+
+
+def test_slots_are_spaced_by_the_rate(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url, rate_limit_track=10.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.5)
+    first = lim.acquire("track")
+    assert first.granted and first.wait == 0
+    # The next slot is 0.1 s later: reserved, the worker sleeps that long.
+    second = lim.acquire("track")
+    assert second.granted and 0.08 < second.wait <= 0.1
+    third = lim.acquire("track")
+    assert third.granted and 0.18 < third.wait <= 0.2
+    # Transactional sends have a bucket of their own.
+    assert lim.acquire("transactional").wait == 0
+
+
+def test_a_long_wait_is_not_reserved(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url, rate_limit_track=10.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.05)
+    assert lim.acquire("track").granted
+    refused = lim.acquire("track")
+    assert not refused.granted and 0.08 < refused.wait <= 0.1
+    # Refusals reserve nothing: the wait does not grow with the number of askers.
+    again = lim.acquire("track")
+    assert not again.granted and again.wait <= refused.wait
+
+
+def test_burst_and_headroom(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url, rate_limit_track=100.0, rate_limit_headroom=0.5, rate_limit_burst=3,
+                  rate_limit_max_sleep=0.0)
+    assert lim.rate_of("track") == 50.0
+    grants = [lim.acquire("track").granted for _ in range(5)]
+    assert grants == [True, True, True, False, False]
+
+
+def test_zero_means_no_limit(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url, rate_limit_track=0.0)
+    assert lim.acquire_call("track") is None
+    assert all(lim.acquire("track").granted for _ in range(100))
+
+
+def test_a_429_pauses_every_worker(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url)
+    assert lim.acquire("track").granted
+    lim.pause("track", 0.6)
+    other = limiter(store_url)  # another worker: the pause is in Redis
+    slot = other.acquire("track")
+    assert not slot.granted and 0.5 < slot.wait <= 0.6
+    lim.pause("track", 0.1)  # a shorter pause never shortens the current one
+    assert other.acquire("track").wait > 0.4
+    assert other.acquire("transactional").granted
+
+
+def _hammer(store_url: str, start_at: float, seconds: float, out: Any) -> None:
+    lim = limiter(store_url, rate_limit_track=50.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.0)
+    granted = 0
+    time.sleep(max(0.0, start_at - time.time()))
+    while time.time() < start_at + seconds:
+        if lim.acquire("track").granted:
+            granted += 1
+    out.put(granted)
+
+
+def test_processes_share_one_rate(store: redis.Redis, store_url: str) -> None:
+    """Four processes asking as fast as they can get 50/s between them, not 50/s each."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    seconds = 2.0
+    start_at = time.time() + 3.0  # the same wall-clock window for all, whatever their start-up time
+    procs = [ctx.Process(target=_hammer, args=(store_url, start_at, seconds, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    total = sum(out.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+    # GCRA: one slot per 20 ms, plus the first one; alone, one process gets thousands of answers.
+    assert 50 * seconds - 5 <= total <= 50 * seconds + 1, total
+
+
+@pytest.mark.slow
+def test_four_worker_processes_stay_under_100_per_second_at_customerio() -> None:
+    """The limit at 100/s, one prefork worker with 4 processes, 1,500 track operations."""
+    n = 1500
+    with chaos_cluster(workers=1, concurrency=4, CIO_RATE_LIMIT_TRACK="100") as c:
+        c.enqueue_track(n)
+        wait_all_applied(c, n, timeout=120)
+        times = sorted(r.received_at for r in c.fake.requests)
+    # The most requests in any 1 s window (sliding, starting at each request).
+    peak, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - 1.0:
+            j += 1
+        peak = max(peak, i - j + 1)
+    sustained = (len(times) - 1) / (times[-1] - times[0])
+    print(f"\nrate limit 100/s, 4 processes: {len(times)} requests, peak 1 s window {peak}, "
+          f"sustained {sustained:.1f}/s")
+    assert peak <= 100
+    assert sustained >= 90
