@@ -322,8 +322,16 @@ class CioTask(Task):  # type: ignore[misc]
             countdown = min(slot.wait + random.uniform(0.0, min(slot.wait, 1.0)), settings.max_countdown)
             _log(logging.INFO, "rate_limited", self, "retry", countdown=round(countdown, 3))
             self._free_retry(countdown, TransientError(op, "rate_limited"), nargs, replay_kwargs, meta_d)
-        if slot is not None and slot.wait > 0:
-            time.sleep(slot.wait)  # a reserved slot a few milliseconds away
+        if slot is not None and slot.wait > 0 and (permit is None or permit.decision == "allow"):
+            # A reserved slot a few milliseconds away. A half-open probe does not wait: the
+            # K probes must answer together, before the first failure reopens the breaker.
+            time.sleep(slot.wait)
+            if breaker is not None and permit is not None:
+                # The breaker may have tripped while this worker slept: ask again.
+                permit = breaker.acquire()
+                if not permit.allowed:
+                    self._leave(claims, None, claim, None, "ignore")
+                    return self._park(settings, nargs, replay_kwargs, meta_d, retries, permit)
         started = time.monotonic()
         try:
             result = perform(clients_for(settings), op, list(nargs), nkwargs, event_id)
