@@ -1,0 +1,1 @@
+"""A Flask app using cio_celery with Flask's documented Celery pattern."""
