@@ -8,7 +8,6 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
 
 from ._process import PerProcess
 from .exceptions import ConfigurationError
@@ -73,28 +72,51 @@ def _script(settings: Settings, text: str) -> Script:
     return _scripts.get((settings.redis_url, text), lambda: client.register_script(text))
 
 
-def run_scripts(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Run several scripts in one round trip (a pipeline of EVALSHA, not a transaction).
+def _combined(texts: tuple[str, ...]) -> str:
+    """One Lua script running ``texts`` in order, each as a function of its own KEYS and ARGV.
 
-    Each script is atomic on its own; a script the server does not know yet (NOSCRIPT,
-    after a restart or a failover) did not run, so it is loaded and run again alone.
-    A script's own error is raised after the others have run.
+    ARGV starts with each script's key and argument counts; then come the scripts' arguments,
+    and KEYS holds their keys, one after the other. The answer is the list of their answers.
+    """
+    functions = "\n".join(f"local function s{i}(KEYS, ARGV)\n{text}\nend" for i, text in enumerate(texts))
+    names = ", ".join(f"s{i}" for i in range(len(texts)))
+    return f"""{functions}
+local fns = {{{names}}}
+local n = #fns
+local kpos, apos = 1, 2 * n + 1
+local out = {{}}
+for i = 1, n do
+  local nk, na = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local k, a = {{}}, {{}}
+  for j = 1, nk do k[j] = KEYS[kpos + j - 1] end
+  for j = 1, na do a[j] = ARGV[apos + j - 1] end
+  kpos = kpos + nk
+  apos = apos + na
+  local r = fns[i](k, a)
+  if r == nil then r = false end
+  out[i] = r
+end
+return out
+"""
+
+
+def run_scripts(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run several scripts in one round trip, as one Lua script (one EVALSHA).
+
+    The scripts run in order, atomically together; an error in one stops the ones after it
+    and is raised. Every key shares the ``{prefix}`` hash tag, so Redis Cluster accepts them
+    in one script.
     """
     if len(calls) == 1:
         c = calls[0]
         return [run_script(settings, c.text, c.keys, c.args)]
-    client = redis_for(settings)
-    scripts = [_script(settings, c.text) for c in calls]
-    pipe = client.pipeline(transaction=False)
-    for script, c in zip(scripts, calls, strict=True):
-        pipe.evalsha(script.sha, len(c.keys), *c.keys, *c.args)
-    results: list[Any] = pipe.execute(raise_on_error=False)
-    error: BaseException | None = None
-    for i, res in enumerate(results):
-        if isinstance(res, NoScriptError):
-            results[i] = scripts[i](keys=list(calls[i].keys), args=list(calls[i].args), client=client)
-        elif isinstance(res, BaseException) and error is None:
-            error = res
-    if error is not None:
-        raise error
-    return results
+    text = _combined(tuple(c.text for c in calls))
+    keys: list[str] = []
+    args: list[Any] = []
+    for c in calls:
+        args += [len(c.keys), len(c.args)]
+    for c in calls:
+        keys += list(c.keys)
+        args += list(c.args)
+    result: list[Any] = run_script(settings, text, keys, args)
+    return result

@@ -70,6 +70,10 @@ def celery_config(
         "cio_retry_backoff_base": 0.05,
         "cio_retry_backoff_max": 0.2,
         "cio_max_retries": 3,
+        # Tests enqueue bursts; a rescheduled (rate-limited) task would land in the next test.
+        # The limiter has tests of its own (tests/test_limiter.py).
+        "cio_rate_limit_track": 0,
+        "cio_rate_limit_transactional": 0,
     }
 
 
