@@ -58,9 +58,11 @@ class Fallback:
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
 
-    def release(self, limit: int) -> int:
+    def release(self, limit: int, *, batch: bool = False) -> int:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
+        With ``batch``, Track-API operations go in ``cio_celery.deliver_batch`` tasks of up to
+        500 KB / ``batch_max_operations`` each (see batching.py); the others one by one.
         Entries are removed only after they were published; a crash in between publishes
         them twice, which the idempotency claim turns into one delivery.
         """
@@ -71,18 +73,29 @@ class Fallback:
         raws = self._redis.lrange(self._list, 0, limit - 1)
         done = 0
         try:
-            for raw in raws:
-                entry = json.loads(raw)
-                task = self.app.tasks[f"cio_celery.{entry['operation']}"]
-                task.apply_async(
-                    entry["args"], entry["kwargs"], task_id=entry["task_id"],
-                    queue=self.settings.fallback_queue,
-                )
-                done += 1
+            entries = [json.loads(raw) for raw in raws]
+            if batch:
+                from .batching import BATCH_TASK, pack
+
+                packed = pack(entries, max_items=self.settings.batch_max_operations)
+                for group in packed.batches:
+                    self.app.send_task(BATCH_TASK, args=[group], queue=self.settings.fallback_queue,
+                                       argsrepr=f"<{len(group)} operations hidden>", kwargsrepr="{}")
+                for entry in packed.singles:
+                    self._publish(entry)
+                done = len(entries)
+            else:
+                for entry in entries:
+                    self._publish(entry)
+                    done += 1
         finally:
             if done:
                 self._redis.ltrim(self._list, done, -1)
         return done
+
+    def _publish(self, entry: dict[str, Any]) -> None:
+        task = self.app.tasks[f"cio_celery.{entry['operation']}"]
+        task.apply_async(entry["args"], entry["kwargs"], task_id=entry["task_id"], queue=self.settings.fallback_queue)
 
     def acquire_lease(self, token: str, ttl: float) -> bool:
         return bool(run_script(self.settings, _RENEW, [self._lock], [token, int(ttl * 1000)]))
@@ -98,7 +111,8 @@ class Fallback:
             return per_tick
         status = breaker.status()
         if status.state == "closed":
-            return per_tick
+            # Batches carry many operations per request: release enough to fill several.
+            return max(per_tick, 10 * s.batch_max_operations) if s.batch_drain else per_tick
         if status.state == "half-open" or (status.state == "open" and status.time_left == 0):
             return max(0, s.breaker_half_open_probes - status.probes_in_flight)
         return 0
@@ -122,7 +136,9 @@ class Releaser:
             return 0
         if self.fallback.depth() == 0:
             return 0
-        n = self.fallback.release(self.fallback.release_allowed(self.breaker))
+        allowed = self.fallback.release_allowed(self.breaker)
+        closed = self.breaker is None or self.breaker.status().state == "closed"
+        n = self.fallback.release(allowed, batch=self.fallback.settings.batch_drain and closed)
         self.released += n
         if n:
             logger.info("cio_celery fallback released %d operations", n,

@@ -165,6 +165,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool_flush_interval", "CIO_SPOOL_FLUSH_INTERVAL", float,
         "Seconds between two attempts to flush the spool to the broker.",
     ),
+    Setting("batch_drain", "CIO_BATCH_DRAIN", _bool,
+        "Release parked Track-API operations after an outage as `/api/v2/batch` requests "
+        "(up to 500 KB each) instead of one request per operation.",
+    ),
+    Setting("batch_max_operations", "CIO_BATCH_MAX_OPERATIONS", int,
+        "Most operations in one batch request.",
+    ),
     Setting("rate_limit_track", "CIO_RATE_LIMIT_TRACK", float,
         "Most Track API requests per second for the whole cluster (Customer.io documents 100); 0: no limit.",
     ),
@@ -238,6 +245,8 @@ class Settings:
     on_broker_error: str = "spool"
     spool_dir: str | None = None
     spool_flush_interval: float = 1.0
+    batch_drain: bool = True
+    batch_max_operations: int = 1000
     rate_limit_track: float = 100.0
     rate_limit_transactional: float = 100.0
     rate_limit_headroom: float = 0.05
@@ -374,6 +383,8 @@ def _validate(s: Settings) -> None:
             raise ConfigurationError(name, "must be 0 or more")
     if not 0 <= s.rate_limit_headroom < 1:
         raise ConfigurationError("rate_limit_headroom", "must be in [0, 1)")
+    if s.batch_max_operations < 1:
+        raise ConfigurationError("batch_max_operations", "must be at least 1")
     if s.rate_limit_burst < 1:
         raise ConfigurationError("rate_limit_burst", "must be at least 1")
     if s.breaker_on_store_error not in {"retry", "allow"}:

@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from ._process import PerProcess
 from .exceptions import ConfigurationError
@@ -120,3 +121,28 @@ def run_scripts(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
         args += list(c.args)
     result: list[Any] = run_script(settings, text, keys, args)
     return result
+
+
+def run_pipelined(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run many scripts in one round trip as a pipeline of EVALSHA (each atomic on its own).
+
+    For long lists of the same scripts (a batch's claims), where one combined script would
+    be a new script per list length. A script the server does not know yet (NOSCRIPT, after
+    a restart or a failover) did not run: it is loaded and run again alone. The first
+    script error is raised after the others have run.
+    """
+    client = redis_for(settings)
+    scripts = [_script(settings, c.text) for c in calls]
+    pipe = client.pipeline(transaction=False)
+    for script, c in zip(scripts, calls, strict=True):
+        pipe.evalsha(script.sha, len(c.keys), *c.keys, *c.args)
+    results: list[Any] = pipe.execute(raise_on_error=False)
+    error: BaseException | None = None
+    for i, res in enumerate(results):
+        if isinstance(res, NoScriptError):
+            results[i] = scripts[i](keys=list(calls[i].keys), args=list(calls[i].args), client=client)
+        elif isinstance(res, BaseException) and error is None:
+            error = res
+    if error is not None:
+        raise error
+    return results

@@ -22,6 +22,7 @@ from celery import Task, shared_task
 from celery.exceptions import Reject, Retry
 from celery.utils import uuid
 
+from . import batching  # noqa: F401 - registers cio_celery.deliver_batch with the operation tasks
 from .backoff import retry_delay
 from .breaker import Breaker, Outcome, Permit, breaker_for
 from .breaker import add_listener as add_breaker_listener
