@@ -35,7 +35,7 @@ from .limiter import Limiter, Slot, bucket_of
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
 from .settings import SEND_OPERATIONS, Settings, settings_for_app
 from .spool import publisher_for, storable_options
-from .store import ScriptCall, run_scripts
+from .store import ScriptCall, key, redis_for, run_scripts
 from .ulid import new_ulid
 from .validation import normalize
 
@@ -509,6 +509,7 @@ class CioTask(Task):  # type: ignore[misc]
     def _retry(
         self, countdown: float, exc: DeliveryError, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> NoReturn:
+        self._count_retry(exc.reason)
         try:
             raise self.retry(args=list(args), kwargs=dict(kwargs), countdown=countdown, exc=exc)
         except Retry:
@@ -517,6 +518,14 @@ class CioTask(Task):  # type: ignore[misc]
             # Celery rejects and loses a message whose retry could not be published.
             _log(logging.ERROR, "retry_publish_failed", self, "requeued", error=type(publish_exc).__name__)
             raise Reject("retry could not be published", requeue=True) from None
+
+
+    def _count_retry(self, reason: str) -> None:
+        """Count the retry by reason in ``{prefix}:stats`` (Prometheus reads it); best effort."""
+        try:
+            redis_for(self.cio_settings).hincrby(key(self.cio_settings, "stats"), f"retry:{reason}", 1)
+        except Exception:  # noqa: BLE001, S110 - a metric must never stop a retry
+            pass
 
 
 class _CeleryEventListener:
