@@ -159,7 +159,7 @@ def _release_singles(app: Any, settings: Settings, entries: list[dict[str, Any]]
 
 
 @shared_task(bind=True, base=BatchTask, name=BATCH_TASK)  # type: ignore[untyped-decorator]
-def deliver_batch(self: BatchTask, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0) -> dict[str, Any]:
     """Deliver parked operations in one ``/api/v2/batch`` request (see the module docstring)."""
     app = self.app
     settings = settings_for_app(app)
@@ -190,7 +190,7 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]]) -> dict[str, A
     if breaker is not None:
         acquire, permit_token = breaker.acquire_call()
         calls.append(acquire)
-    limit_call = limiter.acquire_call("track")
+    limit_call = limiter.acquire_call("track", slot)
     if limit_call is not None:
         calls.append(limit_call)
     try:
@@ -207,7 +207,7 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]]) -> dict[str, A
         elif c.state == "held":
             held.append(entry)
     permit = breaker.acquire_result(results[len(items)], permit_token) if breaker is not None else None
-    slot = Limiter.acquire_result(results[-1]) if limit_call is not None else None
+    answer = Limiter.acquire_result(results[-1]) if limit_call is not None else None
     fallback = Fallback(settings, app)
 
     def release_all(outcome: str = "ignore") -> None:
@@ -227,12 +227,13 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]]) -> dict[str, A
         for entry, _item, _c in claimed:
             fallback.park(entry["operation"], entry["task_id"], entry["args"], entry["kwargs"])
         return {"parked": len(claimed)}
-    if slot is not None and not slot.granted:
+    if answer is not None and not answer.granted:
         release_all()
-        raise self.retry(countdown=min(slot.wait + random.uniform(0, min(slot.wait, 1.0)), settings.max_countdown),
-                         exc=TransientError("batch", "rate_limited"))
-    if slot is not None and slot.wait > 0:
-        time.sleep(slot.wait)
+        countdown = answer.wait if answer.reserved else answer.wait + random.uniform(0, min(answer.wait, 1.0))
+        raise self.retry(args=[entries], kwargs={"slot": answer.reserved},
+                         countdown=min(countdown, settings.max_countdown), exc=TransientError("batch", "rate_limited"))
+    if answer is not None and answer.wait > 0:
+        time.sleep(answer.wait)
 
     started = time.monotonic()
     try:

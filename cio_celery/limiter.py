@@ -11,10 +11,13 @@ answers with the wait before the request's slot:
 - no wait: go;
 - a wait up to ``rate_limit_max_sleep``: the slot is *reserved* (TAT moves on) and the
   worker sleeps that long in place, which costs less than rescheduling the task;
-- a longer wait: nothing is reserved and the task is rescheduled after the wait, without
-  spending a retry attempt and without holding a worker process.
+- a longer wait: the slot is reserved too, and the task is rescheduled to it (its countdown
+  ends when its slot comes), without spending a retry attempt and without holding a worker
+  process. Coming back, it presents the slot and goes without queueing again, so a backlog
+  is rescheduled once, each task to a slot of its own, instead of all waking at once.
 
-A 429 pauses the bucket for every worker until its Retry-After ends. Time is Redis' ``TIME``,
+A 429 pauses the bucket for every worker until its Retry-After ends; a held slot that falls in
+a pause is replaced by a new one after it. Time is Redis' ``TIME``,
 never a worker's clock. The configured limit is a ceiling: the limiter schedules at
 ``limit x (1 - rate_limit_headroom)`` so that network jitter between two workers' requests
 does not push any 1 s window at Customer.io over the limit.
@@ -31,30 +34,42 @@ from .store import ScriptCall, key, run_script
 
 __all__ = ["Limiter", "Slot", "bucket_of"]
 
-# KEYS: tat, pause. ARGV: interval us, burst, max sleep us.
-# Returns {granted (1/0), wait us}.
+# KEYS: tat, pause. ARGV: interval us, burst, max sleep us, held slot (unix us, 0: none),
+# horizon us. Returns {granted (1/0), wait us, reserved slot (unix us, 0: none)}.
+#
+# A held slot (reserved on an earlier visit) is honoured when its time has come and no
+# pause began since; otherwise the next free slot is reserved, after any pause, unless it is
+# beyond the horizon (the longest countdown the task may be given).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > now then
-  return {0, paused - now}
+local held = tonumber(ARGV[4])
+if paused <= now and held > 0 and now >= held - tonumber(ARGV[3]) and now <= held + 1000000 then
+  local wait = held - now
+  if wait < 0 then wait = 0 end
+  return {1, wait, 0}
 end
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+if tat < paused then tat = paused end
 local start = tat - (tonumber(ARGV[2]) - 1) * interval
 local wait = start - now
 if wait < 0 then wait = 0 end
-if wait > tonumber(ARGV[3]) then
-  return {0, wait}
+if wait > tonumber(ARGV[5]) then
+  return {0, wait, 0}
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
-return {1, wait}
+if wait > tonumber(ARGV[3]) then
+  return {0, wait, now + wait}
+end
+return {1, wait, 0}
 """
 
-# KEYS: pause. ARGV: pause us. Extends a pause, never shortens it.
+# KEYS: pause. ARGV: pause us. Extends a pause, never shortens it (slots reserved from now
+# on start after it: see _ACQUIRE).
 _PAUSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -77,10 +92,12 @@ def bucket_of(operation: str) -> str:
 
 @dataclass(frozen=True)
 class Slot:
-    """The limiter's answer: ``granted`` (after sleeping ``wait`` s) or not (reschedule after ``wait``)."""
+    """The limiter's answer: ``granted`` (after sleeping ``wait`` s), or not: come back after
+    ``wait`` s, holding the slot ``reserved`` (unix µs; 0 when nothing could be reserved)."""
 
     granted: bool
     wait: float
+    reserved: int = 0
 
 
 class Limiter:
@@ -96,20 +113,22 @@ class Limiter:
     def _keys(self, bucket: str) -> list[str]:
         return [key(self.settings, "rl", bucket), key(self.settings, "rl", bucket, "pause")]
 
-    def acquire_call(self, bucket: str) -> ScriptCall | None:
+    def acquire_call(self, bucket: str, held: int = 0) -> ScriptCall | None:
+        """The acquire script; ``held`` is a slot reserved on an earlier visit (unix µs)."""
         rate = self.rate_of(bucket)
         if rate <= 0:
             return None
         s = self.settings
-        args = [int(1_000_000 / rate), max(1, s.rate_limit_burst), int(s.rate_limit_max_sleep * 1_000_000)]
+        args = [int(1_000_000 / rate), max(1, s.rate_limit_burst), int(s.rate_limit_max_sleep * 1_000_000),
+                int(held), int(s.max_countdown * 0.9 * 1_000_000)]
         return ScriptCall(_ACQUIRE, self._keys(bucket), args)
 
     @staticmethod
     def acquire_result(res: Any) -> Slot:
-        return Slot(granted=bool(int(res[0])), wait=int(res[1]) / 1_000_000)
+        return Slot(granted=bool(int(res[0])), wait=int(res[1]) / 1_000_000, reserved=int(res[2]))
 
-    def acquire(self, bucket: str) -> Slot:
-        call = self.acquire_call(bucket)
+    def acquire(self, bucket: str, held: int = 0) -> Slot:
+        call = self.acquire_call(bucket, held)
         if call is None:
             return Slot(True, 0.0)
         return self.acquire_result(run_script(self.settings, call.text, call.keys, call.args))

@@ -280,11 +280,13 @@ class CioTask(Task):  # type: ignore[misc]
         claims = Claims(settings) if settings.idempotency_enabled else None
         breaker = breaker_for(settings) if settings.breaker_enabled else None
         limiter = Limiter(settings)
+        held_slot = int(meta_d.pop("slot", 0) or 0)  # a rate-limit slot reserved on an earlier visit
         claim: Claim | None = None
         permit: Permit | None = None
         slot: Slot | None = None
         try:
-            claim, permit, slot = self._enter(claims, breaker, limiter, str(meta_d.get("key") or self.request.id))
+            claim, permit, slot = self._enter(claims, breaker, limiter, str(meta_d.get("key") or self.request.id),
+                                              held_slot)
         except (redis.RedisError, OSError) as store_exc:
             if settings.breaker_on_store_error != "allow":
                 # Never call Customer.io unguarded: try later, without spending an attempt.
@@ -317,10 +319,14 @@ class CioTask(Task):  # type: ignore[misc]
             self._dead_letter("ambiguous:worker_lost", None, nargs, replay_kwargs)
             raise PermanentError(op, "ambiguous:worker_lost")
         if slot is not None and not slot.granted:
-            # Over the cluster's rate (or paused by a 429): come back when a slot is free,
-            # without spending an attempt and without holding this worker process.
+            # Over the cluster's rate (or paused by a 429): come back when the slot reserved
+            # for this task comes, without spending an attempt or holding this worker process.
             self._leave(claims, breaker, claim, permit, "ignore")
-            countdown = min(slot.wait + random.uniform(0.0, min(slot.wait, 1.0)), settings.max_countdown)
+            if slot.reserved:
+                meta_d["slot"] = slot.reserved
+                countdown = min(slot.wait, settings.max_countdown)
+            else:  # beyond the horizon: nothing reserved, look again later
+                countdown = min(slot.wait + random.uniform(0.0, min(slot.wait, 1.0)), settings.max_countdown)
             _log(logging.INFO, "rate_limited", self, "retry", countdown=round(countdown, 3))
             self._free_retry(countdown, TransientError(op, "rate_limited"), nargs, replay_kwargs, meta_d)
         if slot is not None and slot.wait > 0 and (permit is None or permit.decision == "allow"):
@@ -390,7 +396,12 @@ class CioTask(Task):  # type: ignore[misc]
         return self.operation in SEND_OPERATIONS and settings.ambiguous_policy(self.operation) == "dead_letter"
 
     def _enter(
-        self, claims: Claims | None, breaker: Breaker | None, limiter: Limiter | None, idempotency_key: str
+        self,
+        claims: Claims | None,
+        breaker: Breaker | None,
+        limiter: Limiter | None,
+        idempotency_key: str,
+        held_slot: int = 0,
     ) -> tuple[Claim | None, Permit | None, Slot | None]:
         """Claim the key, ask the breaker and the rate limiter, in one round trip to Redis."""
         calls: list[ScriptCall] = []
@@ -400,7 +411,7 @@ class CioTask(Task):  # type: ignore[misc]
         if breaker is not None:
             acquire_call, permit_token = breaker.acquire_call()
             calls.append(acquire_call)
-        limit_call = limiter.acquire_call(bucket_of(self.operation)) if limiter is not None else None
+        limit_call = limiter.acquire_call(bucket_of(self.operation), held_slot) if limiter is not None else None
         if limit_call is not None:
             calls.append(limit_call)
         if not calls:

@@ -69,12 +69,18 @@ class Cluster:
 
     def applied(self, operation: str = "track") -> Counter[int]:
         """How many times each sequence number was applied by the fake."""
+        # Operations drained after an outage arrive as items of /api/v2/batch requests.
+        batch_action = {"track": "batch:event", "identify": "batch:identify"}.get(operation)
         out: Counter[int] = Counter()
         for a in self.fake.applied:
-            if a.operation != operation:
-                continue
             body = a.json or {}
-            seq = body.get("data", {}).get("seq") if operation in {"track", "track_anonymous"} else body.get("seq")
+            if a.operation == operation:
+                seq = body.get("data", {}).get("seq") if operation in {"track", "track_anonymous"} \
+                    else body.get("seq")
+            elif a.operation == batch_action:
+                seq = (body.get("attributes") or {}).get("seq")
+            else:
+                continue
             if seq is not None:
                 out[int(seq)] += 1
         return out

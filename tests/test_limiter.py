@@ -36,14 +36,32 @@ def test_slots_are_spaced_by_the_rate(store: redis.Redis, store_url: str) -> Non
     assert lim.acquire("transactional").wait == 0
 
 
-def test_a_long_wait_is_not_reserved(store: redis.Redis, store_url: str) -> None:
+def test_a_long_wait_reserves_a_slot_of_its_own(store: redis.Redis, store_url: str) -> None:
     lim = limiter(store_url, rate_limit_track=10.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.05)
     assert lim.acquire("track").granted
-    refused = lim.acquire("track")
-    assert not refused.granted and 0.08 < refused.wait <= 0.1
-    # Refusals reserve nothing: the wait does not grow with the number of askers.
-    again = lim.acquire("track")
-    assert not again.granted and again.wait <= refused.wait
+    first = lim.acquire("track")
+    assert not first.granted and 0.08 < first.wait <= 0.1 and first.reserved
+    second = lim.acquire("track")
+    # Each refused asker holds its own slot: the next one is one interval later, no herd.
+    assert not second.granted and 0.18 < second.wait <= 0.2
+    assert abs((second.reserved - first.reserved) - 100_000) < 5_000
+    # Too early with the held slot: still refused (and a new slot reserved); on time: granted.
+    time.sleep(first.wait)
+    on_time = lim.acquire("track", held=first.reserved)
+    assert on_time.granted and on_time.wait <= 0.05
+    # A held slot long past is not honoured: the asker queues again.
+    stale = lim.acquire("track", held=first.reserved - 5_000_000)
+    assert not stale.granted or stale.wait > 0
+
+
+def test_a_pause_replaces_held_slots(store: redis.Redis, store_url: str) -> None:
+    lim = limiter(store_url, rate_limit_track=10.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.05)
+    assert lim.acquire("track").granted
+    held = lim.acquire("track")
+    lim.pause("track", 0.5)
+    time.sleep(held.wait)
+    again = lim.acquire("track", held=held.reserved)
+    assert not again.granted and again.wait > 0.3  # a new slot, after the pause
 
 
 def test_burst_and_headroom(store: redis.Redis, store_url: str) -> None:
@@ -73,12 +91,19 @@ def test_a_429_pauses_every_worker(store: redis.Redis, store_url: str) -> None:
 
 
 def _hammer(store_url: str, start_at: float, seconds: float, out: Any) -> None:
+    """Ask as a task does: take a grant, or wait for the reserved slot and present it."""
     lim = limiter(store_url, rate_limit_track=50.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.0)
     granted = 0
+    held = 0
     time.sleep(max(0.0, start_at - time.time()))
     while time.time() < start_at + seconds:
-        if lim.acquire("track").granted:
+        answer = lim.acquire("track", held)
+        if answer.granted:
             granted += 1
+            held = 0
+        else:
+            held = answer.reserved
+        time.sleep(answer.wait)
     out.put(granted)
 
 
