@@ -1,33 +1,62 @@
 """``celery -A proj cio ...``: the operator's commands, reading the app's own configuration.
 
-Exit codes: 0 done / healthy; 1 not done or not healthy (unhealthy status, nothing matched,
-rows left in the spool, a refused confirmation); 2 usage error; 3 the store or the broker
-could not be reached. ``--json`` prints one JSON document on stdout.
+The ``cio`` group is a Celery sub-command (entry point group ``celery.commands``, added by
+``click_plugins``), so ``-A`` loads the app and its ``cio_*`` settings exactly as a worker does.
+
+Exit codes: 0 done / healthy; 1 not ok (unhealthy, nothing matched, rows left in the spool,
+the breaker not closed, a confirmation refused or impossible); 2 usage or configuration
+error; 3 the store (Redis), the broker or the local spool could not be used. Messages name
+the error type only, never a URL, a password or a payload. ``--json`` prints one JSON
+document on stdout (errors too: ``{"error": ..., "message": ...}``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
+import logging
 import re
+import secrets
+import socket
+import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 import redis
+from celery.bin.base import CeleryCommand, CeleryOption
+from kombu.exceptions import KombuError
 
-from .breaker import Breaker
+from .breaker import breaker_for
 from .deadletters import DeadLetter, DeadLetters
+from .exceptions import CioError, ConfigurationError, EnqueueError, ValidationError
 from .fallback import Fallback
 from .health import health_report
-from .settings import Settings, settings_for_app
+from .operations import OPERATIONS
+from .settings import Settings, configure, settings_for_app
 from .spool import flush_spool, spool_depth
+from .store import redis_for
 
-__all__ = ["cio"]
+__all__ = ["EXIT_NOT_OK", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "cio", "parse_duration"]
 
-EXIT_OK, EXIT_NOT_OK, EXIT_UNREACHABLE = 0, 1, 3
+EXIT_OK = 0
+EXIT_NOT_OK = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Errors that mean "the store or the broker cannot be used" (exit 3).
+_UNAVAILABLE = (redis.RedisError, KombuError, EnqueueError, OSError, sqlite3.Error)
+_CONNECTION = (redis.ConnectionError, redis.TimeoutError, KombuError, EnqueueError, OSError)
+
+# The fallback releaser's lease, held by the command while it releases (renewed per chunk).
+_LEASE_SECONDS = 30.0
+_RELEASE_CHUNK = 1000
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -44,13 +73,89 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     return None if value is None else parse_duration(value)
 
 
+def _positive_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    seconds = _duration(ctx, param, value)
+    if seconds is not None and seconds <= 0:
+        raise click.BadParameter("must be more than 0 seconds")
+    return seconds
+
+
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["cio_json"] = True
+    return value
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _dump(payload: Any) -> str:
+    return json.dumps(payload, indent=2, sort_keys=True, default=str)
+
+
+def _emit(ctx: click.Context, payload: Any, text: str) -> None:
+    click.echo(_dump(payload) if ctx.meta.get("cio_json") else text, color=False)
+
+
+def _fail(ctx: click.Context, code: int, error: str, message: str, **extra: Any) -> NoReturn:
+    """One line on stderr; with --json also ``{"error", "message", ...}`` on stdout."""
+    if ctx.meta.get("cio_json"):
+        click.echo(_dump({"error": error, "message": message, **extra}), color=False)
+    click.echo(f"cio: {message}", err=True, color=False)
+    ctx.exit(code)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(headers), *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _by_operation(entries: Sequence[DeadLetter]) -> str:
+    counts = Counter(e.operation for e in entries)
+    return ", ".join(f"{op} {n}" for op, n in sorted(counts.items()))
+
+
+# -- context -----------------------------------------------------------------------------------
+
+
 def _app(ctx: click.Context) -> Any:
-    obj = ctx.find_root().obj
-    app = getattr(obj, "app", None)
+    """The app ``-A`` loaded (Celery's ``CLIContext.app``), prepared once for the commands."""
+    app = getattr(ctx.find_root().obj, "app", None)
     if app is None:
         from celery import current_app
 
         app = current_app._get_current_object()
+    if not ctx.meta.get("cio_prepared"):
+        ctx.meta["cio_prepared"] = True
+        # The breaker and the spool log what they do for the workers' logs; here the command says it.
+        log = logging.getLogger("cio_celery")
+        if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+            log.addHandler(logging.NullHandler())
+        # A command that cannot publish must fail, not spool the operation on the operator's machine.
+        settings = settings_for_app(app)
+        if settings.on_broker_error != "raise":
+            configure(app, settings.with_changes(on_broker_error="raise"))
     return app
 
 
@@ -58,106 +163,181 @@ def _settings(ctx: click.Context) -> Settings:
     return settings_for_app(_app(ctx))
 
 
-def _fail(code: int, message: str) -> NoReturn:
-    click.echo(message, err=True)
-    sys.exit(code)
+def _stdin_is_tty() -> bool:
+    try:
+        return bool(sys.stdin and sys.stdin.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
-def guarded(fn: F) -> F:
-    """Turn store and broker errors into exit code 3, naming the error type only (no URLs)."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (redis.RedisError, OSError) as exc:
-            _fail(EXIT_UNREACHABLE, f"cio: the store is unreachable ({type(exc).__name__})")
-        except Exception as exc:
-            if type(exc).__module__.startswith(("kombu", "amqp", "celery")):
-                _fail(EXIT_UNREACHABLE, f"cio: the broker is unreachable ({type(exc).__name__})")
-            raise
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper  # type: ignore[return-value]
-
-
-def _emit(as_json: bool, payload: Any, text: str) -> None:
-    click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str) if as_json else text)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _confirm(yes: bool, question: str) -> None:
+def _confirm(ctx: click.Context, yes: bool, question: str) -> None:
+    """Ask on a terminal (``click.confirm`` with abort); refuse without one unless --yes."""
     if yes:
         return
-    if not sys.stdin.isatty():
-        _fail(EXIT_NOT_OK, f"cio: {question} Refused: not a terminal; pass --yes to confirm.")
-    if not click.confirm(question, default=False):
-        _fail(EXIT_NOT_OK, "cio: nothing done.")
+    if not _stdin_is_tty():
+        _fail(ctx, EXIT_NOT_OK, "not_confirmed",
+              f"{question} Not confirmed: stdin is not a terminal; pass --yes to confirm. Nothing was changed.")
+    try:
+        click.confirm(question, default=False, abort=True, err=True)
+    except click.Abort:
+        _fail(ctx, EXIT_NOT_OK, "not_confirmed", "aborted; nothing was changed.")
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@contextlib.contextmanager
+def _publishing(ctx: click.Context) -> Iterator[None]:
+    """Mark a block that publishes: a Redis error in it may be the broker's, not the store's."""
+    ctx.meta["cio_publishing"] = True
+    try:
+        yield
+    finally:
+        ctx.meta["cio_publishing"] = False
 
 
-@click.group(name="cio")
+def _store_answers(ctx: click.Context) -> bool:
+    try:
+        redis_for(_settings(ctx)).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+
+
+def _is_local(exc: BaseException) -> bool:
+    """A file error: the spool is the only file the commands touch."""
+    network = (ConnectionError, TimeoutError, socket.gaierror, socket.herror)
+    return isinstance(exc, sqlite3.Error) or (isinstance(exc, OSError) and not isinstance(exc, network))
+
+
+def _target(ctx: click.Context, exc: BaseException) -> str:
+    if _is_local(exc):
+        return "local spool"
+    if isinstance(exc, (KombuError, EnqueueError)):
+        return "broker"
+    if ctx.meta.get("cio_publishing") and _store_answers(ctx):
+        return "broker"
+    return "store"
+
+
+class CioGroup(click.Group):
+    """The ``cio`` group: store, broker and configuration errors become exit codes 3 and 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise
+        except ConfigurationError as exc:
+            # The message names the setting and the problem, never its value.
+            _fail(ctx, EXIT_USAGE, "configuration", f"configuration error: {exc}")
+        except _UNAVAILABLE as exc:
+            target = _target(ctx, exc)
+            verb = "is unreachable" if isinstance(exc, _CONNECTION) and target != "local spool" else "failed"
+            progress = ctx.meta.get("cio_progress")
+            message = f"the {target} {verb} ({type(exc).__name__})" + (f"; {progress}" if progress else "")
+            _fail(ctx, EXIT_UNAVAILABLE, f"{target.replace(' ', '_')}_unavailable", message)
+
+
+def _json_option(f: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, cls=CeleryOption, help_group="Output Options", expose_value=True,
+        callback=_remember_json, help="Print one JSON document on stdout (no table, no color).",
+    )(f)
+
+
+def _yes_option(f: F) -> F:
+    return click.option("--yes", "-y", is_flag=True, cls=CeleryOption, help_group="Output Options",
+                        help="Do not ask for confirmation (needed when stdin is not a terminal).")(f)
+
+
+@click.group(name="cio", cls=CioGroup)
 def cio() -> None:
-    """cio_celery: breaker, dead letters, fallback and spool of this app."""
+    """cio_celery: health, circuit breaker, dead letters, fallback and spool of this app.
+
+    Exit codes: 0 ok, 1 not ok, 2 usage or configuration error, 3 store or broker unreachable.
+    """
 
 
-# -- status ------------------------------------------------------------------------------
+# -- status ------------------------------------------------------------------------------------
 
 
-@cio.command()
-@json_option
+def _breaker_line(b: dict[str, Any] | None) -> str:
+    if b is None:
+        return "disabled (breaker_enabled is off)"
+    state = str(b["state"])
+    if b.get("opened_by_hand"):
+        detail = "opened by hand, until closed"
+    elif state == "open":
+        detail = f"{b['time_left']:.1f}s left" if b.get("time_left") else "due for half-open"
+    elif state == "half-open":
+        detail = f"{b['probes_in_flight']} probes in flight"
+    else:
+        detail = ""
+    return f"{state} ({detail + ', ' if detail else ''}trips {b['trips']})"
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    suppressed = data["suppressed_duplicates"]
+    sup = str(sum(suppressed.values()))
+    if suppressed:
+        sup += " (" + ", ".join(f"{op} {n}" for op, n in sorted(suppressed.items())) + ")"
+
+    def show(v: Any) -> str:
+        return "?" if v is None else str(v)
+
+    lines = [
+        f"cio_celery: {'healthy' if data['healthy'] else 'UNHEALTHY'}",
+        f"breaker                {_breaker_line(data['breaker']) if data['fallback_depth'] is not None else '?'}",
+        f"parked (fallback)      {show(data['fallback_depth'])}",
+        f"dead letters           {show(data['dead_letters'])}",
+        f"spool (this host)      {show(data['spool_depth'])}",
+        f"suppressed duplicates  {sup if data['fallback_depth'] is not None else '?'}",
+    ]
+    lines += [f"problem: {p}" for p in data["problems"]]
+    return "\n".join(lines)
+
+
+@cio.command(cls=CeleryCommand)
+@click.option("--max-dead-letters", type=click.IntRange(min=0), cls=CeleryOption, help_group="Thresholds",
+              help="Unhealthy when there are more dead letters than this.")
+@click.option("--max-fallback-depth", type=click.IntRange(min=0), cls=CeleryOption, help_group="Thresholds",
+              help="Unhealthy when more operations than this are parked.")
+@_json_option
 @click.pass_context
-@guarded
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Health: breaker, parked operations, dead letters, spool. Exit 0 healthy, 1 not, 3 no store."""
-    report = health_report(_app(ctx), _settings(ctx))
+def status(ctx: click.Context, max_dead_letters: int | None, max_fallback_depth: int | None, as_json: bool) -> None:
+    """Health: breaker, parked operations, dead letters, this host's spool, suppressed duplicates.
+
+    Exit 0 healthy, 1 unhealthy, 3 the store is unreachable.
+    """
+    app = _app(ctx)
+    report = health_report(app, settings_for_app(app), max_dead_letters=max_dead_letters,
+                           max_fallback_depth=max_fallback_depth)
     data = report.as_dict()
-    b = data["breaker"] or {}
-    left = "manual" if b.get("opened_by_hand") else (f"{b['time_left']:.1f}s" if b.get("time_left") else "-")
-    text = "\n".join([
-        f"status            {data['status']}",
-        f"breaker           {b.get('state', 'disabled')} (time left {left}, trips {b.get('trips', 0)})",
-        f"parked (fallback) {data['fallback_depth']}",
-        f"dead letters      {data['dead_letters']}",
-        f"spool (this host) {data['spool_depth']}",
-        f"suppressed dups   {sum(data['suppressed_duplicates'].values())}",
-        *(f"problem           {p}" for p in data["problems"]),
-    ])
-    _emit(as_json, data, text)
-    if any(p.startswith("store unavailable") for p in report.problems):
-        sys.exit(EXIT_UNREACHABLE)
-    sys.exit(EXIT_OK if report.healthy else EXIT_NOT_OK)
+    _emit(ctx, data, _status_text(data))
+    if report.fallback_depth is None or report.dead_letters is None:
+        ctx.exit(EXIT_UNAVAILABLE)  # health_report caught a store error (named in problems)
+    ctx.exit(EXIT_OK if report.healthy else EXIT_NOT_OK)
 
 
-# -- breaker -----------------------------------------------------------------------------
+# -- breaker -----------------------------------------------------------------------------------
 
 
 @cio.group()
 def breaker() -> None:
-    """Open, close or reset the cluster's circuit breaker by hand."""
+    """Open, close or reset the cluster's circuit breaker by hand (state in Redis)."""
 
 
-def _breaker_change(ctx: click.Context, action: str, yes: bool, as_json: bool, duration: float | None = None) -> None:
-    b = Breaker(_settings(ctx))
-    before = b.status().state
-    what = f"{action} the breaker" + (f" for {duration:g}s" if duration else "")
-    _confirm(yes, f"{what[0].upper()}{what[1:]} (now {before}) for every worker?")
+_QUESTIONS = {
+    "open": "Open it for every worker{dur}? Operations will be parked, not sent.",
+    "close": "Close it for every worker? Operations will be sent to Customer.io again.",
+    "reset": "Reset it (close it and forget its trip count) for every worker?",
+}
+
+
+def _breaker_change(ctx: click.Context, action: str, yes: bool, duration: float | None = None) -> None:
+    settings = _settings(ctx)
+    b = breaker_for(settings)
+    before = b.status()
+    _confirm(ctx, yes, f"The breaker is {before.state}. "
+             + _QUESTIONS[action].format(dur=f" for {duration:g}s" if duration else ""))
     if action == "open":
         b.open(duration)
     elif action == "close":
@@ -165,193 +345,312 @@ def _breaker_change(ctx: click.Context, action: str, yes: bool, as_json: bool, d
     else:
         b.reset()
     after = b.status()
-    _emit(as_json, {"action": action, "before": before, "after": after.state, "trips": after.trips},
-          f"breaker: {before} -> {after.state}")
+    by_hand = after.state == "open" and after.time_left < 0
+    time_left = round(after.time_left, 3) if after.state == "open" and not by_hand else None
+    if after.state == "open":
+        suffix = " until closed by hand" if by_hand else f" for {after.time_left:.0f}s"
+    else:
+        suffix = ""
+    if not settings.breaker_enabled:
+        click.echo("cio: note: breaker_enabled is off in this app's settings; workers with the same "
+                   "settings ignore the breaker.", err=True)
+    _emit(ctx, {"action": action, "breaker": b.name, "before": before.state, "after": after.state,
+                "time_left": time_left, "opened_by_hand": by_hand, "trips": after.trips,
+                "breaker_enabled": settings.breaker_enabled},
+          f"breaker {b.name}: {before.state} -> {after.state}{suffix}")
 
 
-@breaker.command("open")
-@click.option("--for", "duration", type=float, default=None, help="Seconds; default: until closed by hand.")
-@yes_option
-@json_option
+@breaker.command("open", cls=CeleryCommand)
+@click.option("--for", "duration", callback=_positive_duration, metavar="SECONDS", cls=CeleryOption,
+              help_group="Breaker Options",
+              help="Open for this long (90, 30m, 2h); default: until closed by hand.")
+@_yes_option
+@_json_option
 @click.pass_context
-@guarded
 def breaker_open(ctx: click.Context, duration: float | None, yes: bool, as_json: bool) -> None:
-    """Open it: operations are parked until it is closed (or --for seconds)."""
-    _breaker_change(ctx, "open", yes, as_json, duration)
+    """Open it: every worker parks operations until it is closed (or --for ends, then it probes)."""
+    _breaker_change(ctx, "open", yes, duration)
 
 
-@breaker.command("close")
-@yes_option
-@json_option
+@breaker.command("close", cls=CeleryCommand)
+@_yes_option
+@_json_option
 @click.pass_context
-@guarded
 def breaker_close(ctx: click.Context, yes: bool, as_json: bool) -> None:
-    """Close it, forgetting the window and any half-open probes."""
-    _breaker_change(ctx, "close", yes, as_json)
+    """Close it, forgetting the failure window and any half-open probes (trips are kept)."""
+    _breaker_change(ctx, "close", yes)
 
 
-@breaker.command("reset")
-@yes_option
-@json_option
+@breaker.command("reset", cls=CeleryCommand)
+@_yes_option
+@_json_option
 @click.pass_context
-@guarded
 def breaker_reset(ctx: click.Context, yes: bool, as_json: bool) -> None:
-    """Close it and forget the trip count too."""
-    _breaker_change(ctx, "reset", yes, as_json)
+    """Close it and forget everything, the trip count too (next open period starts short again)."""
+    _breaker_change(ctx, "reset", yes)
 
 
-# -- dead letters --------------------------------------------------------------------------
+# -- dead letters ------------------------------------------------------------------------------
 
 
 @cio.group("dead-letters")
 def dead_letters() -> None:
-    """List, show, replay or purge operations that ended in dead letters."""
+    """List, show, replay or purge the operations that ended in dead letters."""
 
 
-def _filters(f: F) -> F:
-    f = click.option("--operation", help="Only this operation (track, identify, send_email ...).")(f)
-    f = click.option("--older-than", callback=_duration, help="Only entries older than this (30m, 2h, 7d).")(f)
+def _filter_options(f: F) -> F:
+    f = click.option("--older-than", callback=_duration, metavar="DURATION", cls=CeleryOption,
+                     help_group="Selection Options",
+                     help="Only entries that failed longer ago than this (90, 30m, 2h, 7d).")(f)
+    f = click.option("--operation", type=click.Choice(OPERATIONS), metavar="OPERATION", cls=CeleryOption,
+                     help_group="Selection Options",
+                     help="Only this operation (identify, track, send_email ...).")(f)
     return f
 
 
-def _row(d: DeadLetter, now: float) -> list[Any]:
-    return [d.id, d.operation, d.reason, d.status, d.attempts, _age(now - d.failed_at)]
+def _summary(entry: DeadLetter, now: float) -> dict[str, Any]:
+    d = entry.summary()
+    d["age_seconds"] = round(max(0.0, now - entry.failed_at), 3)
+    return d
 
 
-@dead_letters.command("list")
-@_filters
-@click.option("--limit", type=int, default=100, show_default=True)
-@json_option
+@dead_letters.command("list", cls=CeleryCommand)
+@_filter_options
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, cls=CeleryOption,
+              help_group="Selection Options", help="Show at most this many (oldest first).")
+@_json_option
 @click.pass_context
-@guarded
 def dl_list(ctx: click.Context, operation: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
-    """Entries oldest first, without their payload. Exit 1 when none match."""
+    """Entries oldest first: id, operation, reason, status, attempts, age (never their arguments)."""
     store = DeadLetters(_settings(ctx), _app(ctx))
     entries = store.list(operation=operation, older_than=older_than, limit=limit)
+    total = store.count()
     now = time.time()
-    _emit(as_json, [e.summary() for e in entries],
-          _table(["id", "operation", "reason", "status", "attempts", "age"], [_row(e, now) for e in entries])
-          + f"\n{len(entries)} of {store.count()} dead letters")
-    sys.exit(EXIT_OK if entries else EXIT_NOT_OK)
+    rows = [[e.id, e.operation, e.reason, e.status, e.attempts, _age(now - e.failed_at)] for e in entries]
+    if rows:
+        text = _table(["id", "operation", "reason", "status", "attempts", "age"], rows)
+        text += f"\n{len(entries)} shown of {_plural(total, 'dead letter')}"
+    else:
+        text = f"no dead letter matches ({total} in the store)" if total else "no dead letters"
+    _emit(ctx, {"total": total, "shown": len(entries), "entries": [_summary(e, now) for e in entries]}, text)
 
 
-@dead_letters.command("show")
-@click.argument("entry_id")
-@click.option("--show-data", is_flag=True, help="Also print the arguments (customer data).")
-@json_option
+def _meta_view(entry: DeadLetter, show_data: bool) -> dict[str, Any]:
+    """The operation's metadata; a caller-chosen idempotency key may hold customer data."""
+    meta = dict(entry.kwargs.get("_cio") or {})
+    if not show_data and meta.get("key") not in (None, entry.task_id):
+        meta["key"] = "<hidden>"
+    return meta
+
+
+@dead_letters.command("show", cls=CeleryCommand)
+@click.argument("entry_id", metavar="ID")
+@click.option("--show-data", is_flag=True, cls=CeleryOption, help_group="Output Options",
+              help="Also print the arguments (customer data: emails, attributes, message bodies).")
+@_json_option
 @click.pass_context
-@guarded
 def dl_show(ctx: click.Context, entry_id: str, show_data: bool, as_json: bool) -> None:
-    """One entry. Its arguments are customer data: hidden unless --show-data."""
+    """One entry in full; its arguments are customer data, hidden unless --show-data. Exit 1 if absent."""
     entry = DeadLetters(_settings(ctx), _app(ctx)).get(entry_id)
     if entry is None:
-        _fail(EXIT_NOT_OK, f"cio: no dead letter {entry_id}")
-    data = entry.summary()
+        _fail(ctx, EXIT_NOT_OK, "not_found", f"no dead letter with id {entry_id!r}")
+    now = time.time()
+    data = _summary(entry, now)
+    data["failed_at_iso"] = _iso(entry.failed_at)
+    data["meta"] = _meta_view(entry, show_data)
+    kwargs = {k: v for k, v in entry.kwargs.items() if k != "_cio"}
     if show_data:
-        data["args"] = entry.args
-        data["kwargs"] = {k: v for k, v in entry.kwargs.items() if k != "_cio"}
+        data["args"], data["kwargs"], data["data_hidden"] = entry.args, kwargs, False
     else:
-        data["args"] = f"<{len(entry.args)} args hidden; --show-data shows them>"
-        data["kwargs"] = f"<{len([k for k in entry.kwargs if k != '_cio'])} kwargs hidden>"
-    _emit(as_json, data, "\n".join(f"{k:10} {v}" for k, v in data.items()))
+        data["args"] = f"<{_plural(len(entry.args), 'arg')} hidden; --show-data shows them>"
+        data["kwargs"] = f"<{_plural(len(kwargs), 'kwarg')} hidden>"
+        data["data_hidden"] = True
+    fields = ["id", "operation", "task_id", "reason", "status", "attempts"]
+    lines = [f"{k:<10} {'-' if data[k] is None else data[k]}" for k in fields]
+    lines += [
+        f"{'failed_at':<10} {data['failed_at_iso']} ({_age(now - entry.failed_at)} ago)",
+        f"{'meta':<10} {json.dumps(data['meta'], sort_keys=True)}",
+        f"{'args':<10} {json.dumps(entry.args) if show_data else data['args']}",
+        f"{'kwargs':<10} {json.dumps(kwargs, sort_keys=True) if show_data else data['kwargs']}",
+    ]
+    _emit(ctx, data, "\n".join(lines))
 
 
-def _select(ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
-            all_: bool) -> tuple[DeadLetters, list[DeadLetter]]:
-    if not ids and operation is None and older_than is None and not all_:
-        raise click.UsageError("give entry ids, --operation, --older-than, or --all")
+def _select(
+    ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None, all_: bool
+) -> tuple[DeadLetters, list[DeadLetter], list[str]]:
+    """The entries a replay or purge acts on: ids, or filters, or --all (exactly one kind)."""
+    filtered = operation is not None or older_than is not None
+    if sum([bool(ids), filtered, all_]) != 1:
+        raise click.UsageError("select entries with IDs, or with --operation/--older-than, or with --all "
+                               "(one of the three)", ctx)
     store = DeadLetters(_settings(ctx), _app(ctx))
     if ids:
-        entries = [e for e in (store.get(i) for i in ids) if e is not None]
+        found = {i: store.get(i) for i in dict.fromkeys(ids)}
+        entries = [e for e in found.values() if e is not None]
+        missing = [i for i, e in found.items() if e is None]
     else:
-        entries = list(store.iter(operation, older_than))
-    return store, entries
+        entries, missing = list(store.iter(operation, older_than)), []
+    return store, entries, missing
 
 
-@dead_letters.command("replay")
-@click.argument("ids", nargs=-1)
-@_filters
-@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
-@yes_option
-@json_option
+def _selection_command(f: F) -> F:
+    f = click.option("--all", "all_", is_flag=True, cls=CeleryOption, help_group="Selection Options",
+                     help="Every dead letter.")(f)
+    f = _filter_options(f)
+    return click.argument("ids", nargs=-1, metavar="[ID]...")(f)
+
+
+@dead_letters.command("replay", cls=CeleryCommand)
+@_selection_command
+@_yes_option
+@_json_option
 @click.pass_context
-@guarded
 def dl_replay(ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
               all_: bool, yes: bool, as_json: bool) -> None:
-    """Enqueue entries again (same idempotency key and event id). Exit 1 when none match."""
-    store, entries = _select(ctx, ids, operation, older_than, all_)
+    """Enqueue entries again with their idempotency key and event id; each is removed once published.
+
+    Exit 1 when nothing matched, an id was not found or an entry could not be replayed.
+    """
+    store, entries, missing = _select(ctx, ids, operation, older_than, all_)
     if not entries:
-        _fail(EXIT_NOT_OK, "cio: no dead letter matches")
-    _confirm(yes, f"Replay {len(entries)} dead letters?")
-    done = store.replay(ids=[e.id for e in entries])
-    _emit(as_json, {"replayed": done}, f"replayed {done} dead letters")
+        _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no dead letter matches; nothing was replayed.", missing=missing)
+    _confirm(ctx, yes, f"Replay {_plural(len(entries), 'dead letter')} ({_by_operation(entries)})?")
+    app = _app(ctx)
+    replayed: list[str] = []
+    skipped: list[dict[str, str]] = []
+    with _publishing(ctx):
+        for entry in entries:
+            if f"cio_celery.{entry.operation}" not in app.tasks:
+                skipped.append({"id": entry.id, "why": "unknown operation"})
+                continue
+            try:
+                n = store.replay(ids=[entry.id])
+            except ValidationError as exc:
+                # Invalid arguments stay invalid: the entry stays for a purge or a fix.
+                skipped.append({"id": entry.id, "why": f"invalid {exc.field}"})
+                continue
+            if n:
+                replayed.append(entry.id)
+            else:
+                missing.append(entry.id)  # gone meanwhile (replayed or purged elsewhere)
+            ctx.meta["cio_progress"] = f"{len(replayed)} of {len(entries)} replayed before it failed"
+    lines = [f"replayed {_plural(len(replayed), 'dead letter')}"]
+    lines += [f"skipped {s['id']}: {s['why']}" for s in skipped]
+    lines += [f"not found: {i}" for i in missing]
+    _emit(ctx, {"replayed": len(replayed), "ids": replayed, "skipped": skipped, "missing": missing},
+          "\n".join(lines))
+    ctx.exit(EXIT_NOT_OK if skipped or missing else EXIT_OK)
 
 
-@dead_letters.command("purge")
-@click.argument("ids", nargs=-1)
-@_filters
-@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
-@yes_option
-@json_option
+@dead_letters.command("purge", cls=CeleryCommand)
+@_selection_command
+@_yes_option
+@_json_option
 @click.pass_context
-@guarded
 def dl_purge(ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
              all_: bool, yes: bool, as_json: bool) -> None:
-    """Delete entries for good. Exit 1 when none match."""
-    store, entries = _select(ctx, ids, operation, older_than, all_)
+    """Delete entries for good (they will not be delivered). Exit 1 when nothing matched or an id was not found."""
+    store, entries, missing = _select(ctx, ids, operation, older_than, all_)
     if not entries:
-        _fail(EXIT_NOT_OK, "cio: no dead letter matches")
-    _confirm(yes, f"Delete {len(entries)} dead letters for good?")
-    done = sum(1 for e in entries if store.delete(e.id))
-    _emit(as_json, {"purged": done}, f"purged {done} dead letters")
+        _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no dead letter matches; nothing was deleted.", missing=missing)
+    _confirm(ctx, yes, f"Delete {_plural(len(entries), 'dead letter')} ({_by_operation(entries)}) for good?")
+    purged = [e.id for e in entries if store.delete(e.id)]
+    lines = [f"purged {_plural(len(purged), 'dead letter')}", *(f"not found: {i}" for i in missing)]
+    _emit(ctx, {"purged": len(purged), "ids": purged, "missing": missing}, "\n".join(lines))
+    ctx.exit(EXIT_NOT_OK if missing else EXIT_OK)
 
 
-# -- fallback and spool -------------------------------------------------------------------
+# -- fallback ----------------------------------------------------------------------------------
 
 
 @cio.group()
 def fallback() -> None:
-    """The operations parked while the breaker was open."""
+    """The operations parked in Redis while the breaker refused calls."""
 
 
-@fallback.command("release")
-@click.option("--limit", type=int, default=1000, show_default=True)
-@click.option("--force", is_flag=True, help="Release even though the breaker is not closed.")
-@json_option
+@fallback.command("release", cls=CeleryCommand)
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True, cls=CeleryOption,
+              help_group="Release Options", help="Release at most this many (oldest first).")
+@click.option("--force", is_flag=True, cls=CeleryOption, help_group="Release Options",
+              help="Release even though the breaker is not closed (workers park them again while it refuses).")
+@_json_option
 @click.pass_context
-@guarded
 def fallback_release(ctx: click.Context, limit: int, force: bool, as_json: bool) -> None:
-    """Publish up to --limit parked operations now (batched when batch_drain is on)."""
-    settings = _settings(ctx)
-    state = Breaker(settings).status().state if settings.breaker_enabled else "closed"
-    if state != "closed" and not force:
-        _fail(EXIT_NOT_OK, f"cio: the breaker is {state}; released operations would be parked again "
-                           "(close it first, or --force)")
-    fb = Fallback(settings, _app(ctx))
-    done = fb.release(limit, batch=settings.batch_drain)
-    _emit(as_json, {"released": done, "remaining": fb.depth()},
-          f"released {done} parked operations; {fb.depth()} remain")
+    """Publish parked operations to the fallback queue now, oldest first.
+
+    Respects the breaker: refuses (exit 1) unless it is closed, or --force. Takes the
+    releaser's Redis lease, so it never runs beside a worker's releaser; exit 1 while a
+    worker holds it (that worker is already releasing).
+    """
+    app = _app(ctx)
+    settings = settings_for_app(app)
+    state = breaker_for(settings).status().state if settings.breaker_enabled else "disabled"
+    closed = state in ("closed", "disabled")
+    if not closed and not force:
+        _fail(ctx, EXIT_NOT_OK, "breaker_not_closed",
+              f"the breaker is {state}: workers would park released operations again. Close it first "
+              "(cio breaker close) or pass --force.", breaker=state)
+    fb = Fallback(settings, app)
+    if fb.depth() == 0:
+        _emit(ctx, {"released": 0, "remaining": 0, "batched": False, "breaker": state},
+              "nothing is parked; nothing to release")
+        return
+    token = f"cli-{secrets.token_hex(8)}"
+    if not fb.acquire_lease(token, _LEASE_SECONDS):
+        _fail(ctx, EXIT_NOT_OK, "releaser_busy",
+              "a worker's fallback releaser holds the lease and releases the parked operations itself; "
+              "nothing was released (two releasers at once would trim each other's entries). "
+              "Watch `cio status`, or run this with the workers stopped.", remaining=fb.depth())
+    # Like the workers' releaser: batches only while the breaker is closed.
+    batch = settings.batch_drain and closed
+    released = 0
+    try:
+        with _publishing(ctx):
+            while released < limit:
+                n = fb.release(min(_RELEASE_CHUNK, limit - released), batch=batch)
+                released += n
+                ctx.meta["cio_progress"] = f"at least {released} released before it failed; the rest stay parked"
+                if n == 0 or not fb.acquire_lease(token, _LEASE_SECONDS):
+                    break
+    finally:
+        with contextlib.suppress(Exception):
+            fb.drop_lease(token)
+    remaining = fb.depth()
+    _emit(ctx, {"released": released, "remaining": remaining, "batched": batch, "breaker": state},
+          f"released {released} parked operations to {settings.fallback_queue}"
+          f"{' (in batches)' if batch and released else ''}; {remaining} remain")
+
+
+# -- spool -------------------------------------------------------------------------------------
 
 
 @cio.group()
 def spool() -> None:
-    """This host's local enqueue spool (operations the broker could not take)."""
+    """This host's local enqueue spool (operations the broker could not take at enqueue)."""
 
 
-@spool.command("flush")
-@json_option
+@spool.command("flush", cls=CeleryCommand)
+@_json_option
 @click.pass_context
-@guarded
 def spool_flush(ctx: click.Context, as_json: bool) -> None:
-    """Publish the spool to the broker now. Exit 1 if anything remains, 3 if the broker is down."""
+    """Publish this host's spool to the broker now, oldest first.
+
+    Exit 1 if rows remain (held by a publish still in flight), 3 if the broker is unreachable.
+    """
     app = _app(ctx)
     if spool_depth(app) == 0:
-        _emit(as_json, {"published": 0, "remaining": 0}, "the spool is empty")
+        _emit(ctx, {"published": 0, "remaining": 0}, "the spool is empty")
         return
     try:
         result = flush_spool(app)
-    except Exception as exc:  # noqa: BLE001 - whatever the transport raises: the broker is down
-        _fail(EXIT_UNREACHABLE, f"cio: the broker is unreachable ({type(exc).__name__}); the spool is kept")
-    _emit(as_json, {"published": result.published, "remaining": result.remaining},
+    except (CioError, *_UNAVAILABLE) as exc:
+        if isinstance(exc, ConfigurationError) or _is_local(exc):
+            raise  # reported by the group: exit 2, or exit 3 naming the local spool
+        remaining = spool_depth(app)
+        _fail(ctx, EXIT_UNAVAILABLE, "broker_unavailable",
+              f"the broker is unreachable ({type(exc).__name__}); {remaining} operations stay in the spool",
+              remaining=remaining)
+    _emit(ctx, {"published": result.published, "remaining": result.remaining},
           f"published {result.published}; {result.remaining} remain")
-    sys.exit(EXIT_OK if result.remaining == 0 else EXIT_NOT_OK)
+    ctx.exit(EXIT_OK if result.remaining == 0 else EXIT_NOT_OK)

@@ -1,40 +1,60 @@
-"""`celery -A app cio ...` against a real Redis: every command, --json, exit codes, confirmations."""
+"""`celery -A app cio ...` against a real Redis: every command, --json, exit codes, confirmations.
+
+In-process runs go through Celery's own click group (``celery.bin.celery.celery``) with
+``-A tests.cli_app``; subprocess runs (``python -m celery``) prove the ``celery.commands``
+entry point, a terminal's confirmation, and the failure paths with other URLs. The app's
+broker and store are databases 7 and 6 of the test redis-server, apart from the other tests.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import redis
+from celery import Celery
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner, Result
 
-from cio_celery.breaker import Breaker
+from cio_celery.breaker import breaker_for
 from cio_celery.cli import parse_duration
 from cio_celery.deadletters import DeadLetters
 from cio_celery.fallback import Fallback
 from cio_celery.settings import settings_for_app
-from cio_celery.spool import Spool
+from cio_celery.spool import Spool, publisher_for, spool_depth
+from cio_celery.store import key
+from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import free_port
+from tests.helpers import wait_until
+from tests.workers import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
+
 EMAIL = "ada-secret@example.com"
+PASSWORD = "hunter2-not-for-print"
+
+
+# -- fixtures and helpers ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def cli_env(redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment tests.cli_app is configured by (set before it is first imported)."""
     env = {
         "CELERY_BROKER_URL": f"{redis_base_url}/7",
         "CIO_REDIS_URL": f"{redis_base_url}/6",
         "CIO_SPOOL_DIR": str(tmp_path_factory.mktemp("cli-spool")),
-        "CIO_SITE_ID": "s", "CIO_TRACK_API_KEY": "k",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -46,154 +66,465 @@ def cli_env(redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
             os.environ[k] = v
 
 
+def _empty_spool(directory: str) -> None:
+    spool = Spool(directory)
+    for row in spool.peek(10_000):
+        spool.delete(row.id)
+    spool.close()
+
+
 @pytest.fixture()
 def app(cli_env: dict[str, str]) -> Iterator[Any]:
+    """tests.cli_app over a clean broker, store and spool."""
     from tests.cli_app import app as cli_app
 
     for url in (cli_env["CELERY_BROKER_URL"], cli_env["CIO_REDIS_URL"]):
         redis.Redis.from_url(url).flushdb()
+    _empty_spool(cli_env["CIO_SPOOL_DIR"])
     yield cli_app
-    Breaker(settings_for_app(cli_app)).reset()
+    breaker_for(settings_for_app(cli_app)).reset()
+    _empty_spool(cli_env["CIO_SPOOL_DIR"])
 
 
 def run(*args: str) -> Result:
+    """`celery -A tests.cli_app cio ARGS` in this process (stdin is not a terminal)."""
     return CliRunner().invoke(celery_cli, ["-A", "tests.cli_app", "cio", *args], catch_exceptions=False)
 
 
-def as_json(result: Result) -> Any:
-    return json.loads(result.stdout)
-
-
-def queued(cli_env: dict[str, str], queue: str) -> int:
-    return int(redis.Redis.from_url(cli_env["CELERY_BROKER_URL"]).llen(queue))
-
-
-def add_dead_letter(app: Any, operation: str = "identify", age: float = 0.0) -> str:
-    store = DeadLetters(settings_for_app(app), app)
-    task_id = f"t-{time.monotonic_ns()}"
-    identify = operation == "identify"
-    store.add(operation=operation, task_id=task_id, reason="http_400", status=400, attempts=1,
-              args=["user-1"] if identify else ["user-1", "ev", {}, None, None],
-              kwargs={"email": EMAIL, "_cio": {"key": task_id}} if identify else {"_cio": {"key": task_id}})
-    if age:  # backdate it: the index scores entries by the time they failed
-        r = redis.Redis.from_url(settings_for_app(app).redis_url or "")
-        r.zadd("{cio}:dlq:index", {task_id: time.time() - age})
-    return task_id
-
-
-def test_durations() -> None:
-    assert [parse_duration(x) for x in ("90", "45s", "30m", "2h", "7d", "1w")] == [
-        90, 45, 1800, 7200, 604800, 604800]
-
-
-def test_status_healthy_then_unhealthy(app: Any) -> None:
-    ok = run("status", "--json")
-    assert ok.exit_code == 0, ok.output
-    assert as_json(ok)["breaker"]["state"] == "closed" and as_json(ok)["healthy"] is True
-    text = run("status")
-    assert text.exit_code == 0 and "breaker           closed" in text.stdout
-    opened = run("breaker", "open", "--yes", "--json")
-    assert opened.exit_code == 0 and as_json(opened) == {"action": "open", "before": "closed", "after": "open",
-                                                         "trips": as_json(opened)["trips"]}
-    down = run("status", "--json")
-    assert down.exit_code == 1
-    assert as_json(down)["breaker"]["opened_by_hand"] is True and "breaker open" in as_json(down)["problems"]
-    assert "manual" in run("status").stdout
-
-
-def test_breaker_needs_confirmation(app: Any) -> None:
-    refused = run("breaker", "open")
-    assert refused.exit_code == 1 and "--yes" in refused.stderr
-    assert Breaker(settings_for_app(app)).status().state == "closed"
-    assert run("breaker", "open", "--for", "30", "--yes").exit_code == 0
-    st = Breaker(settings_for_app(app)).status()
-    assert st.state == "open" and 25 < st.time_left <= 30
-    closed = run("breaker", "close", "--yes")
-    assert closed.exit_code == 0 and closed.stdout.strip() == "breaker: open -> closed"
-    assert run("breaker", "reset", "--yes", "--json").exit_code == 0
-    assert Breaker(settings_for_app(app)).status().trips == 0
-
-
-def test_dead_letters_list_show_filters(app: Any) -> None:
-    assert run("dead-letters", "list").exit_code == 1  # nothing yet
-    old = add_dead_letter(app, "identify", age=3 * 3600)
-    new = add_dead_letter(app, "track")
-    listed = run("dead-letters", "list", "--json")
-    assert listed.exit_code == 0
-    assert [e["id"] for e in as_json(listed)] == [old, new]
-    assert EMAIL not in listed.stdout
-    assert [e["id"] for e in as_json(run("dead-letters", "list", "--operation", "track", "--json"))] == [new]
-    assert [e["id"] for e in as_json(run("dead-letters", "list", "--older-than", "2h", "--json"))] == [old]
-    table = run("dead-letters", "list").stdout
-    assert table.splitlines()[0].split() == ["id", "operation", "reason", "status", "attempts", "age"]
-    assert "2 of 2 dead letters" in table
-    hidden = run("dead-letters", "show", old, "--json")
-    assert hidden.exit_code == 0 and EMAIL not in hidden.stdout and "hidden" in as_json(hidden)["kwargs"]
-    shown = run("dead-letters", "show", old, "--show-data", "--json")
-    assert as_json(shown)["kwargs"] == {"email": EMAIL}
-    assert run("dead-letters", "show", "nope").exit_code == 1
-
-
-def test_dead_letters_replay_and_purge(app: Any, cli_env: dict[str, str]) -> None:
-    a = add_dead_letter(app, "identify")
-    b = add_dead_letter(app, "track")
-    assert run("dead-letters", "replay").exit_code == 2  # no selection: usage error
-    refused = run("dead-letters", "replay", "--all")
-    assert refused.exit_code == 1
-    replayed = run("dead-letters", "replay", "--operation", "identify", "--yes", "--json")
-    assert replayed.exit_code == 0 and as_json(replayed) == {"replayed": 1}
-    assert queued(cli_env, "cio") == 1
-    store = DeadLetters(settings_for_app(app), app)
-    assert store.get(a) is None and store.get(b) is not None
-    assert run("dead-letters", "purge", "--operation", "pageview", "--yes").exit_code == 1
-    purged = run("dead-letters", "purge", "--all", "--yes", "--json")
-    assert as_json(purged) == {"purged": 1} and store.count() == 0
-
-
-def test_fallback_release(app: Any, cli_env: dict[str, str]) -> None:
-    settings = settings_for_app(app)
-    fb = Fallback(settings, app)
-    for i in range(3):
-        fb.park("identify", f"p{i}", [f"user-{i}"], {"_cio": {"key": f"p{i}"}})
-    Breaker(settings).open()
-    refused = run("fallback", "release")
-    assert refused.exit_code == 1 and "breaker is open" in refused.stderr and fb.depth() == 3
-    forced = run("fallback", "release", "--force", "--limit", "2", "--json")
-    assert forced.exit_code == 0 and as_json(forced) == {"released": 2, "remaining": 1}
-    assert queued(cli_env, "cio.fallback") == 1  # identify goes in one batch task
-    Breaker(settings).reset()
-    assert as_json(run("fallback", "release", "--json")) == {"released": 1, "remaining": 0}
-
-
-def test_spool_flush(app: Any, cli_env: dict[str, str]) -> None:
-    assert as_json(run("spool", "flush", "--json")) == {"published": 0, "remaining": 0}
-    spool = Spool(cli_env["CIO_SPOOL_DIR"])
-    spool.put({"task": "cio_celery.identify", "args": ["user-1"], "kwargs": {"_cio": {"key": "k1"}},
-               "task_id": "k1", "options": {"queue": "cio"}})
-    flushed = run("spool", "flush", "--json")
-    assert flushed.exit_code == 0 and as_json(flushed) == {"published": 1, "remaining": 0}
-    assert queued(cli_env, "cio") == 1 and spool.depth() == 0
-
-
-def subprocess_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_sub(env: dict[str, str], *args: str, stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    """`python -m celery -A tests.cli_app cio ARGS` in a subprocess: the installed entry point."""
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.cli_app", "cio", *args],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), capture_output=True, text=True,
-        timeout=60,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdin=stdin,
+        capture_output=True, text=True, timeout=60,
     )
 
 
-def test_the_entry_point_works_in_a_real_celery_command(app: Any, cli_env: dict[str, str]) -> None:
-    done = subprocess_cli(cli_env, "status", "--json")
+def doc(result: Result | subprocess.CompletedProcess[str]) -> Any:
+    """The one JSON document a --json run printed on stdout."""
+    return json.loads(result.stdout)
+
+
+def settings(app: Any) -> Any:
+    return settings_for_app(app)
+
+
+def queued(cli_env: dict[str, str], queue: str) -> list[dict[str, Any]]:
+    """The messages waiting in a broker queue, decoded (task name, id, args, kwargs)."""
+    out = []
+    for raw in redis.Redis.from_url(cli_env["CELERY_BROKER_URL"]).lrange(queue, 0, -1):
+        msg = json.loads(raw)
+        body = msg["body"]
+        if msg["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _embed = json.loads(body)
+        out.append({"task": msg["headers"]["task"], "id": msg["headers"]["id"], "args": args, "kwargs": kwargs})
+    return out
+
+
+def add_dead_letter(app: Any, operation: str = "identify", age: float = 0.0, key_: str | None = None,
+                    reason: str = "http_400", status: int | None = 400) -> str:
+    """A dead letter in the real store (as a worker adds it), backdated by ``age`` seconds."""
+    store = DeadLetters(settings(app), app)
+    task_id = f"t-{time.monotonic_ns()}"
+    meta = {"key": key_ or task_id, "enqueued_at": round(time.time(), 3)}
+    if operation == "identify":
+        args, kwargs = ["user-1"], {"email": EMAIL, "_cio": meta}
+    elif operation == "track":
+        args, kwargs = ["user-1", "signed_up", {"email": EMAIL}, "01JABCDEFGHJKMNPQRSTVWXYZ0", None], {"_cio": meta}
+    else:
+        args, kwargs = [{"to": EMAIL, "transactional_message_id": "7", "identifiers": {"id": "user-1"}}], \
+            {"_cio": meta}
+    store.add(operation=operation, task_id=task_id, reason=reason, status=status, attempts=1, args=args,
+              kwargs=kwargs)
+    if age:  # the index scores entries by the time they failed
+        client = redis.Redis.from_url(settings(app).redis_url)
+        client.zadd(key(settings(app), "dlq", "index"), {task_id: time.time() - age}, xx=True)
+    return task_id
+
+
+# -- durations and the entry point -----------------------------------------------------------------
+
+
+def test_durations() -> None:
+    assert [parse_duration(x) for x in ("90", "45s", "30m", "2h", "7d", "1w", "1.5h")] == [
+        90, 45, 1800, 7200, 604800, 604800, 5400]
+    with pytest.raises(click.BadParameter):
+        parse_duration("2 hours")
+
+
+def test_the_entry_point_is_installed_and_runs_in_a_real_celery_command(app: Any, cli_env: dict[str, str]) -> None:
+    assert "cio_celery.cli:cio" in [ep.value for ep in entry_points(group="celery.commands") if ep.name == "cio"]
+    done = run_sub(cli_env, "status", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["healthy"] is True
+    assert doc(done)["healthy"] is True and doc(done)["breaker"]["state"] == "closed"
+    helped = run_sub(cli_env, "--help")
+    assert helped.returncode == 0
+    for command in ("status", "breaker", "dead-letters", "fallback", "spool"):
+        assert command in helped.stdout
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def test_status_healthy_then_unhealthy_after_the_breaker_is_opened(app: Any) -> None:
+    ok = run("status", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert doc(ok)["healthy"] is True and doc(ok)["problems"] == []
+    assert {"breaker", "fallback_depth", "dead_letters", "spool_depth", "suppressed_duplicates"} <= set(doc(ok))
+    text = run("status")
+    assert text.exit_code == 0
+    assert text.stdout.splitlines()[0] == "cio_celery: healthy"
+    assert "breaker                closed (trips 0)" in text.stdout
+
+    opened = run("breaker", "open", "--yes", "--json")
+    assert opened.exit_code == 0
+    assert doc(opened)["before"] == "closed" and doc(opened)["after"] == "open"
+    down = run("status", "--json")
+    assert down.exit_code == 1
+    assert doc(down)["healthy"] is False and doc(down)["breaker"]["opened_by_hand"] is True
+    assert "breaker open" in doc(down)["problems"]
+    text = run("status")
+    assert text.exit_code == 1 and "UNHEALTHY" in text.stdout and "opened by hand" in text.stdout
+
+
+def test_status_thresholds_and_counts(app: Any) -> None:
+    add_dead_letter(app)
+    Fallback(settings(app), app).park("identify", "p1", ["user-1"], {"_cio": {"key": "p1"}})
+    data = doc(run("status", "--json"))
+    assert data["dead_letters"] == 1 and data["fallback_depth"] == 1 and data["healthy"] is True
+    over = run("status", "--max-dead-letters", "0", "--json")
+    assert over.exit_code == 1 and "1 dead letters (more than 0)" in doc(over)["problems"]
+    assert run("status", "--max-fallback-depth", "0").exit_code == 1
+    assert run("status", "--max-fallback-depth", "-1").exit_code == 2  # usage error
+
+
+# -- breaker -----------------------------------------------------------------------------------
+
+
+def test_breaker_open_close_reset_print_old_and_new_state(app: Any) -> None:
+    b = breaker_for(settings(app))
+    opened = run("breaker", "open", "--for", "30", "--yes")
+    assert opened.exit_code == 0 and opened.stdout.strip() == "breaker customerio: closed -> open for 30s"
+    st = b.status()
+    assert st.state == "open" and 25 < st.time_left <= 30
+    closed = run("breaker", "close", "--yes")
+    assert closed.exit_code == 0 and closed.stdout.strip() == "breaker customerio: open -> closed"
+    assert b.status().state == "closed"
+
+    by_hand = run("breaker", "open", "--yes", "--json")
+    assert doc(by_hand)["opened_by_hand"] is True and doc(by_hand)["time_left"] is None
+    assert b.status().time_left == -1
+    reset = run("breaker", "reset", "--yes", "--json")
+    assert reset.exit_code == 0
+    assert doc(reset) | {"trips": 0} == {"action": "reset", "breaker": "customerio", "before": "open",
+                                        "after": "closed", "time_left": None, "opened_by_hand": False,
+                                        "trips": 0, "breaker_enabled": True}
+    assert b.status().trips == 0
+    assert run("breaker", "open", "--for", "1h", "--yes").stdout.strip().endswith("open for 3600s")
+    assert run("breaker", "open", "--for", "0", "--yes").exit_code == 2
+    assert run("breaker", "open", "--for", "soon", "--yes").exit_code == 2
+
+
+def test_destructive_commands_refuse_without_yes_when_stdin_is_not_a_terminal(
+    app: Any, cli_env: dict[str, str]
+) -> None:
+    b = breaker_for(settings(app))
+    letter = add_dead_letter(app)
+    for args in (["breaker", "open"], ["breaker", "close"], ["breaker", "reset"],
+                 ["dead-letters", "replay", "--all"], ["dead-letters", "purge", letter]):
+        refused = run(*args)
+        assert refused.exit_code == 1, args
+        assert "--yes" in refused.stderr and "Nothing was changed" in refused.stderr
+        assert refused.stdout == ""
+    refused = run("breaker", "open", "--json")
+    assert refused.exit_code == 1 and doc(refused)["error"] == "not_confirmed"
+    assert b.status().state == "closed"
+    assert DeadLetters(settings(app), app).get(letter) is not None
+    assert queued(cli_env, "cio") == []
+
+
+def _on_a_terminal(env: dict[str, str], answer: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with a pseudo-terminal as stdin and type ``answer`` at the prompt."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.cli_app", "cio", *args],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdin=slave,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        os.close(slave)
+        os.write(master, answer + b"\n")  # the terminal keeps the line until the prompt reads it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_terminal_is_asked_and_no_means_nothing_changes(app: Any, cli_env: dict[str, str]) -> None:
+    b = breaker_for(settings(app))
+    declined = _on_a_terminal(cli_env, b"n", "breaker", "open")
+    assert declined.returncode == 1, declined.stderr
+    assert "Open it for every worker?" in declined.stderr and "aborted" in declined.stderr
+    assert b.status().state == "closed"
+    accepted = _on_a_terminal(cli_env, b"y", "breaker", "open")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.strip() == "breaker customerio: closed -> open until closed by hand"
+    assert b.status().state == "open"
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+def test_dead_letters_list_filters_by_operation_and_age_without_customer_data(app: Any) -> None:
+    empty = run("dead-letters", "list", "--json")
+    assert empty.exit_code == 0 and doc(empty) == {"total": 0, "shown": 0, "entries": []}
+    old = add_dead_letter(app, "identify", age=3 * 3600)
+    new = add_dead_letter(app, "track")
+    send = add_dead_letter(app, "send_email", reason="ambiguous:timeout", status=None)
+
+    listed = run("dead-letters", "list", "--json")
+    assert listed.exit_code == 0
+    assert [e["id"] for e in doc(listed)["entries"]] == [old, new, send]  # oldest first
+    first = doc(listed)["entries"][0]
+    assert set(first) == {"id", "operation", "task_id", "reason", "status", "attempts", "failed_at", "age_seconds"}
+    assert 3 * 3600 - 5 < first["age_seconds"] < 3 * 3600 + 5
+    by_op = doc(run("dead-letters", "list", "--operation", "track", "--json"))
+    assert [e["id"] for e in by_op["entries"]] == [new] and by_op["total"] == 3
+    assert [e["id"] for e in doc(run("dead-letters", "list", "--older-than", "2h", "--json"))["entries"]] == [old]
+    assert doc(run("dead-letters", "list", "--older-than", "4h", "--json"))["entries"] == []
+    assert [e["id"] for e in doc(run("dead-letters", "list", "--limit", "2", "--json"))["entries"]] == [old, new]
+
+    table = run("dead-letters", "list")
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["id", "operation", "reason", "status", "attempts", "age"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split() == [old, "identify", "http_400", "400", "1", "3.0h"]
+    assert lines[4].split()[:4] == [send, "send_email", "ambiguous:timeout", "-"]
+    assert lines[-1] == "3 shown of 3 dead letters"
+    for out in (listed.stdout, table.stdout):
+        assert EMAIL not in out and "user-1" not in out
+    assert run("dead-letters", "list", "--operation", "trak").exit_code == 2
+    assert run("dead-letters", "list", "--older-than", "2 hours").exit_code == 2
+
+
+def test_dead_letters_show_hides_customer_data_unless_asked(app: Any) -> None:
+    own_key = add_dead_letter(app, "identify")
+    caller_key = add_dead_letter(app, "identify", key_=f"welcome-{EMAIL}")
+
+    hidden = run("dead-letters", "show", own_key, "--json")
+    assert hidden.exit_code == 0
+    data = doc(hidden)
+    assert data["id"] == own_key and data["reason"] == "http_400" and data["data_hidden"] is True
+    assert data["args"] == "<1 arg hidden; --show-data shows them>" and data["kwargs"] == "<1 kwarg hidden>"
+    assert data["meta"]["key"] == own_key  # the task id: not customer data
+    text = run("dead-letters", "show", own_key)
+    assert text.exit_code == 0 and "hidden" in text.stdout and f"id         {own_key}" in text.stdout
+    for out in (hidden.stdout, text.stdout):
+        assert EMAIL not in out and "user-1" not in out
+    other = run("dead-letters", "show", caller_key)
+    assert EMAIL not in other.stdout and '"key": "<hidden>"' in other.stdout
+
+    shown = run("dead-letters", "show", caller_key, "--show-data", "--json")
+    assert shown.exit_code == 0
+    assert doc(shown)["args"] == ["user-1"] and doc(shown)["kwargs"] == {"email": EMAIL}
+    assert doc(shown)["meta"]["key"] == f"welcome-{EMAIL}" and doc(shown)["data_hidden"] is False
+    assert EMAIL in run("dead-letters", "show", caller_key, "--show-data").stdout
+
+    missing = run("dead-letters", "show", "nope", "--json")
+    assert missing.exit_code == 1 and doc(missing)["error"] == "not_found"
+
+
+def test_dead_letters_replay_publishes_to_the_broker_with_the_same_key(app: Any, cli_env: dict[str, str]) -> None:
+    a = add_dead_letter(app, "identify")
+    b = add_dead_letter(app, "track")
+    store = DeadLetters(settings(app), app)
+    assert run("dead-letters", "replay", "--yes").exit_code == 2  # no selection
+    assert run("dead-letters", "replay", a, "--all", "--yes").exit_code == 2  # two kinds of selection
+    assert run("dead-letters", "replay", "--operation", "pageview", "--yes").exit_code == 1  # nothing matched
+
+    replayed = run("dead-letters", "replay", "--operation", "identify", "--yes", "--json")
+    assert replayed.exit_code == 0, replayed.output
+    assert doc(replayed) == {"replayed": 1, "ids": [a], "skipped": [], "missing": []}
+    [msg] = queued(cli_env, "cio")
+    assert msg["task"] == "cio_celery.identify" and msg["args"] == ["user-1"]
+    assert msg["kwargs"]["email"] == EMAIL and msg["kwargs"]["_cio"]["key"] == a  # same idempotency key
+    assert store.get(a) is None and store.get(b) is not None
+
+    by_id = run("dead-letters", "replay", b, "gone-id", "--yes")
+    assert by_id.exit_code == 1  # one id was not found; the other was replayed
+    assert by_id.stdout.splitlines() == ["replayed 1 dead letter", "not found: gone-id"]
+    assert [m["task"] for m in queued(cli_env, "cio")] == ["cio_celery.track", "cio_celery.identify"]
+    assert store.count() == 0
+    assert run("dead-letters", "replay", "--all", "--yes").exit_code == 1  # nothing left
+
+    # Arguments that fail validation stay invalid: the entry is skipped and kept.
+    store.add(operation="identify", task_id="bad-1", reason="invalid:id", status=None, attempts=1,
+              args=[""], kwargs={"_cio": {"key": "bad-1"}})
+    skipped = run("dead-letters", "replay", "bad-1", "--yes", "--json")
+    assert skipped.exit_code == 1
+    assert doc(skipped) == {"replayed": 0, "ids": [], "skipped": [{"id": "bad-1", "why": "invalid id"}],
+                            "missing": []}
+    assert store.get("bad-1") is not None and len(queued(cli_env, "cio")) == 2
+
+
+def test_dead_letters_purge_by_filter_ids_and_all(app: Any) -> None:
+    old = add_dead_letter(app, "identify", age=8 * 86400)
+    mid = add_dead_letter(app, "track", age=3600)
+    new = [add_dead_letter(app, "send_email") for _ in range(3)]
+    store = DeadLetters(settings(app), app)
+    nothing = run("dead-letters", "purge", "--operation", "pageview", "--yes", "--json")
+    assert nothing.exit_code == 1 and doc(nothing)["error"] == "nothing_matched"
+
+    aged = run("dead-letters", "purge", "--older-than", "7d", "--yes", "--json")
+    assert aged.exit_code == 0 and doc(aged) == {"purged": 1, "ids": [old], "missing": []}
+    by_id = run("dead-letters", "purge", mid, "--yes")
+    assert by_id.exit_code == 0 and by_id.stdout.strip() == "purged 1 dead letter"
+    assert [e.id for e in store.list()] == new
+    everything = run("dead-letters", "purge", "--all", "--yes", "--json")
+    assert doc(everything)["purged"] == 3 and store.count() == 0
+
+
+def test_a_real_dead_letter_is_replayed_and_delivered_by_a_worker(
+    app: Any, cli_env: dict[str, str], fake: FakeCustomerIO, tmp_path: Path
+) -> None:
+    """A worker dead-letters a 400; the CLI (the installed entry point) replays it; the worker delivers."""
+    env = {**cli_env, "CIO_SITE_ID": fake.site_id, "CIO_TRACK_API_KEY": fake.track_api_key,
+           "CIO_APP_API_KEY": fake.app_api_key, "CIO_TRACK_URL": fake.url, "CIO_APP_URL": fake.url,
+           "CIO_TIMEOUT": "2"}
+    worker = WorkerProcess(env, concurrency=1, name="cli", log_dir=tmp_path).start(cli_env["CELERY_BROKER_URL"])
+    try:
+        fake.fail_next(status=400)
+        app.tasks["cio_celery.identify"].delay("user-e2e", email=EMAIL)
+        store = DeadLetters(settings(app), app)
+        [entry] = wait_until(lambda: store.list(), what="the 400 to be dead-lettered")
+        listed = run_sub(env, "dead-letters", "list", "--operation", "identify", "--json")
+        assert listed.returncode == 0 and doc(listed)["entries"][0]["reason"] == "http_400"
+        assert EMAIL not in listed.stdout + listed.stderr
+
+        replayed = run_sub(env, "dead-letters", "replay", entry.id, "--yes", "--json")
+        assert replayed.returncode == 0, replayed.stderr
+        assert doc(replayed)["replayed"] == 1
+        [applied] = fake.wait_for_applied(1)
+        assert applied.operation == "identify" and applied.customer_id == "user-e2e"
+        assert store.count() == 0
+        for secret in (fake.track_api_key, fake.app_api_key, EMAIL):
+            assert secret not in replayed.stdout + replayed.stderr
+    finally:
+        worker.stop()
+
+
+# -- fallback ----------------------------------------------------------------------------------
+
+
+def test_fallback_release_respects_the_breaker_and_the_releaser_lease(app: Any, cli_env: dict[str, str]) -> None:
+    s = settings(app)
+    fb = Fallback(s, app)
+    for i in range(3):
+        fb.park("identify", f"p{i}", [f"user-{i}"], {"_cio": {"key": f"p{i}"}})
+    b = breaker_for(s)
+    b.open()
+    refused = run("fallback", "release", "--json")
+    assert refused.exit_code == 1 and doc(refused)["error"] == "breaker_not_closed"
+    assert "breaker is open" in refused.stderr and fb.depth() == 3
+
+    forced = run("fallback", "release", "--force", "--limit", "1", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert doc(forced) == {"released": 1, "remaining": 2, "batched": False, "breaker": "open"}
+    [single] = queued(cli_env, "cio.fallback")
+    assert single["task"] == "cio_celery.identify" and single["id"] == "p0"
+
+    b.close()
+    assert fb.acquire_lease("a-worker-releaser", 30)  # what a running worker's releaser holds
+    busy = run("fallback", "release", "--json")
+    assert busy.exit_code == 1 and doc(busy)["error"] == "releaser_busy" and fb.depth() == 2
+    fb.drop_lease("a-worker-releaser")
+
+    released = run("fallback", "release")
+    assert released.exit_code == 0
+    assert released.stdout.strip() == "released 2 parked operations to cio.fallback (in batches); 0 remain"
+    assert [m["task"] for m in queued(cli_env, "cio.fallback")] == ["cio_celery.deliver_batch", "cio_celery.identify"]
+    assert fb.acquire_lease("next-releaser", 5)  # the command gave the lease back
+    assert doc(run("fallback", "release", "--json"))["released"] == 0
+
+
+# -- spool -------------------------------------------------------------------------------------
+
+
+def test_spool_flush_publishes_what_was_spooled_while_the_broker_was_down(
+    app: Any, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A web process whose broker is down: .delay() returns and the operations wait in its spool.
+    closed_port = free_port()
+    down = Celery("web_while_broker_down", broker=f"redis://127.0.0.1:{closed_port}/0",
+                  include=["cio_celery.tasks"], set_as_current=False)
+    down.conf.update(cio_spool_dir=cli_env["CIO_SPOOL_DIR"], cio_redis_url=cli_env["CIO_REDIS_URL"],
+                     cio_spool_flush_interval=3600, task_publish_retry=False,
+                     broker_transport_options={"socket_connect_timeout": 0.5, "max_retries": 0})
+    with monkeypatch.context() as m:
+        m.delenv("CELERY_BROKER_URL")  # Celery prefers it to the app's own broker URL
+        ids = [down.tasks["cio_celery.identify"].delay(f"user-{i}", email=EMAIL).id for i in range(2)]
+        publisher_for(down).stop()
+    assert queued(cli_env, "cio") == []
+    assert spool_depth(app) == 2
+    unhealthy = run("status", "--json")
+    assert unhealthy.exit_code == 1 and doc(unhealthy)["spool_depth"] == 2
+
+    flushed = run("spool", "flush", "--json")
+    assert flushed.exit_code == 0, flushed.output
+    assert doc(flushed) == {"published": 2, "remaining": 0}
+    assert sorted(m["id"] for m in queued(cli_env, "cio")) == sorted(ids)
+    assert spool_depth(app) == 0 and run("status").exit_code == 0
+    again = run("spool", "flush")
+    assert again.exit_code == 0 and again.stdout.strip() == "the spool is empty"
+
+
+def test_spool_flush_exits_1_when_rows_remain(app: Any, cli_env: dict[str, str]) -> None:
+    spool = Spool(cli_env["CIO_SPOOL_DIR"])
+    # A row held by a publish still in flight in another process stays for that process.
+    spool.put({"task": "cio_celery.identify", "args": ["user-1"], "kwargs": {"_cio": {"key": "k1"}},
+               "task_id": "k1", "options": {"queue": "cio"}}, hold=60)
+    spool.close()
+    left = run("spool", "flush", "--json")
+    assert left.exit_code == 1 and doc(left) == {"published": 0, "remaining": 1}
+    assert run("spool", "flush").stdout.strip() == "published 0; 1 remain"
+
+
+def test_spool_flush_with_the_broker_down_is_exit_3_and_keeps_the_spool(app: Any, cli_env: dict[str, str]) -> None:
+    spool = Spool(cli_env["CIO_SPOOL_DIR"])
+    spool.put({"task": "cio_celery.identify", "args": ["user-1"], "kwargs": {"_cio": {"key": "k2"}},
+               "task_id": "k2", "options": {"queue": "cio"}})
+    env = {**cli_env, "CELERY_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"}
+    down = run_sub(env, "spool", "flush", "--json")
+    assert down.returncode == 3, down.stderr
+    assert doc(down)["error"] == "broker_unavailable" and doc(down)["remaining"] == 1
+    assert down.stderr.strip().startswith("cio: the broker is unreachable (")
+    assert PASSWORD not in down.stdout + down.stderr
+    assert spool.depth() == 1
+    spool.close()
+
+
+# -- unreachable store, bad configuration ---------------------------------------------------------
 
 
 def test_store_unreachable_is_exit_3_without_the_password(cli_env: dict[str, str]) -> None:
-    env = {**cli_env, "CIO_REDIS_URL": f"redis://:hunter2pw@127.0.0.1:{free_port()}/0"}
-    down = subprocess_cli(env, "dead-letters", "list")
-    assert down.returncode == 3, down.stderr
-    assert "unreachable" in down.stderr
-    assert "hunter2pw" not in down.stdout + down.stderr
-    status = subprocess_cli(env, "status", "--json")
-    assert status.returncode == 3 and "hunter2pw" not in status.stdout + status.stderr
+    env = {**cli_env, "CIO_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"}
+    listed = run_sub(env, "dead-letters", "list")
+    assert listed.returncode == 3, listed.stderr
+    assert listed.stderr.strip() == "cio: the store is unreachable (ConnectionError)"
+    status = run_sub(env, "status", "--json")
+    assert status.returncode == 3
+    assert doc(status)["healthy"] is False and "store unavailable (ConnectionError)" in doc(status)["problems"]
+    opened = run_sub(env, "breaker", "open", "--yes", "--json")
+    assert opened.returncode == 3 and doc(opened)["error"] == "store_unavailable"
+    for result in (listed, status, opened):
+        assert PASSWORD not in result.stdout + result.stderr
+        assert "redis://" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_setting_is_exit_2_naming_the_setting_not_its_value(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "CIO_REDIS_URL": f"http://user:{PASSWORD}@example.invalid/0"}
+    bad = run_sub(env, "status")
+    assert bad.returncode == 2
+    assert "configuration error" in bad.stderr and "redis_url" in bad.stderr
+    assert PASSWORD not in bad.stdout + bad.stderr
