@@ -89,6 +89,8 @@ local function trip()
   gen = gen + 1
   redis.call('HSET', h, 'st', 1, 'gen', gen, 'until', now + dur, 'opened_at', now, 'trips', trips,
              'cons', 0, 'hs', 0, 'forced', 0)
+  -- Every automatic trip, never forgotten (Prometheus: cio_celery_breaker_trips_total).
+  redis.call('HINCRBY', h, 'trips_total', 1)
   redis.call('DEL', win, permits)
   return dur
 end
@@ -174,8 +176,11 @@ elseif ARGV[1] == 'close' then
   -- Closing a closed breaker is no transition: it must not restart the forget-trips timer.
   if st ~= 0 then redis.call('HSET', h, 'closed_at', now) end
 else
+  local trips_total = redis.call('HGET', h, 'trips_total')
   redis.call('DEL', h)
   redis.call('HSET', h, 'st', 0, 'gen', gen, 'closed_at', now)
+  -- A counter: a reset by hand keeps it (trips, the run that sets the open period, goes).
+  if trips_total then redis.call('HSET', h, 'trips_total', trips_total) end
 end
 return {tostring(st), tostring(new), tostring(gen)}
 """
