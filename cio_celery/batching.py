@@ -149,6 +149,14 @@ class BatchTask(Task):  # type: ignore[misc]
     max_retries = None
     typing = False
 
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        """Hide the operations from Flower and the broker's headers on every publish, retries
+        included (Celery's retry would show ``repr(args)``)."""
+        group = (args or [[]])[0]
+        options.setdefault("argsrepr", f"<{len(group)} operations hidden>")
+        options.setdefault("kwargsrepr", repr(dict(kwargs or {})))  # only the rate-limit slot
+        return super().apply_async(args, kwargs, *rest, **options)
+
 
 def _release_singles(app: Any, settings: Settings, entries: list[dict[str, Any]]) -> None:
     """Publish entries one by one to the fallback queue (their own path, their own verdict)."""
