@@ -49,6 +49,15 @@ def _stop_releaser(sender: Any = None, **_: Any) -> None:
         releaser.stop()
 
 
+def _carry_events_flag(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:
+    """``celery worker -E`` turns task events on without setting ``worker_send_task_events``,
+    which is what CioTask._send_event reads (in the pool processes too): set it, before the
+    pool starts, so the package's custom events follow the flag."""
+    if conf is not None and getattr(instance, "task_events", False):
+        conf.worker_send_task_events = True
+
+
+signals.celeryd_after_setup.connect(_carry_events_flag, weak=False)
 signals.worker_ready.connect(check_worker, weak=False)
 signals.worker_ready.connect(_start_releaser, weak=False)
 signals.worker_shutdown.connect(_stop_releaser, weak=False)
