@@ -37,7 +37,7 @@ from .exceptions import PermanentError, TransientError, ValidationError
 from .fallback import Fallback
 from .idempotency import Claim, Claims
 from .limiter import Limiter
-from .operations import EVENT_ID_ARG
+from .operations import EVENT_ID_ARG, META_KEY
 from .settings import Settings, settings_for_app
 from .store import ScriptCall, run_pipelined
 from .validation import normalize
@@ -47,7 +47,6 @@ __all__ = ["BATCHABLE", "BATCH_TASK", "pack", "to_v2"]
 logger = logging.getLogger("cio_celery.batch")
 
 BATCH_TASK = "cio_celery.deliver_batch"
-META_KEY = "_cio"  # the same reserved keyword as cio_celery.tasks.META_KEY
 
 BATCH_MAX_BYTES = 500_000
 ITEM_MAX_BYTES = 32_000
@@ -160,10 +159,9 @@ class BatchTask(Task):  # type: ignore[misc]
 
 def _release_singles(app: Any, settings: Settings, entries: list[dict[str, Any]]) -> None:
     """Publish entries one by one to the fallback queue (their own path, their own verdict)."""
+    fallback = Fallback(settings, app)
     for entry in entries:
-        app.tasks[f"cio_celery.{entry['operation']}"].apply_async(
-            entry["args"], entry["kwargs"], task_id=entry["task_id"], queue=settings.fallback_queue,
-        )
+        fallback.publish(entry)
 
 
 @shared_task(bind=True, base=BatchTask, name=BATCH_TASK)  # type: ignore[untyped-decorator]

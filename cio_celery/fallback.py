@@ -82,18 +82,19 @@ class Fallback:
                     self.app.send_task(BATCH_TASK, args=[group], queue=self.settings.fallback_queue,
                                        argsrepr=f"<{len(group)} operations hidden>", kwargsrepr="{}")
                 for entry in packed.singles:
-                    self._publish(entry)
+                    self.publish(entry)
                 done = len(entries)
             else:
                 for entry in entries:
-                    self._publish(entry)
+                    self.publish(entry)
                     done += 1
         finally:
             if done:
                 self._redis.ltrim(self._list, done, -1)
         return done
 
-    def _publish(self, entry: dict[str, Any]) -> None:
+    def publish(self, entry: dict[str, Any]) -> None:
+        """Publish one parked entry to the fallback queue as its own task."""
         task = self.app.tasks[f"cio_celery.{entry['operation']}"]
         task.apply_async(entry["args"], entry["kwargs"], task_id=entry["task_id"], queue=self.settings.fallback_queue)
 
@@ -103,19 +104,20 @@ class Fallback:
     def drop_lease(self, token: str) -> None:
         run_script(self.settings, _RELEASE_LOCK, [self._lock], [token])
 
-    def release_allowed(self, breaker: Breaker | None) -> int:
-        """How many to release now: the rate when closed, K probes when due, none while open."""
+    def release_allowed(self, breaker: Breaker | None) -> tuple[int, bool]:
+        """How many to release now, and whether in batches: the rate when closed (batches when
+        ``batch_drain`` is on), K single probes when due, none while open. One breaker read."""
         s = self.settings
         per_tick = max(1, int(s.fallback_release_rate * s.fallback_release_interval))
-        if breaker is None:
-            return per_tick
-        status = breaker.status()
-        if status.state == "closed":
+        status = breaker.status() if breaker is not None else None
+        if status is None or status.state == "closed":
             # Batches carry many operations per request: release enough to fill several.
-            return max(per_tick, 10 * s.batch_max_operations) if s.batch_drain else per_tick
+            if s.batch_drain:
+                return max(per_tick, 10 * s.batch_max_operations), True
+            return per_tick, False
         if status.state == "half-open" or (status.state == "open" and status.time_left == 0):
-            return max(0, s.breaker_half_open_probes - status.probes_in_flight)
-        return 0
+            return max(0, s.breaker_half_open_probes - status.probes_in_flight), False
+        return 0, False
 
 
 class Releaser:
@@ -136,9 +138,8 @@ class Releaser:
             return 0
         if self.fallback.depth() == 0:
             return 0
-        allowed = self.fallback.release_allowed(self.breaker)
-        closed = self.breaker is None or self.breaker.status().state == "closed"
-        n = self.fallback.release(allowed, batch=self.fallback.settings.batch_drain and closed)
+        allowed, batch = self.fallback.release_allowed(self.breaker)
+        n = self.fallback.release(allowed, batch=batch)
         self.released += n
         if n:
             logger.info("cio_celery fallback released %d operations", n,

@@ -32,7 +32,7 @@ from .exceptions import CioError, DeliveryError, PermanentError, TransientError,
 from .fallback import Fallback
 from .idempotency import Claim, Claims
 from .limiter import Limiter, Slot, bucket_of
-from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, api_of, perform
+from .operations import EVENT_ID_ARG, EVENT_OPERATIONS, META_KEY, api_of, perform
 from .settings import SEND_OPERATIONS, Settings, settings_for_app
 from .spool import publisher_for, storable_options
 from .store import ScriptCall, key, redis_for, run_scripts
@@ -64,9 +64,6 @@ __all__ = [
 
 logger = logging.getLogger("cio_celery")
 
-# Reserved keyword carrying the operation's metadata (idempotency key, event id) through
-# retries, reroutes and dead-letter replays. It never collides with SDK parameters.
-META_KEY = "_cio"
 
 # 429 answers do not spend the retry budget; after this many times (max_retries + 1) of them
 # an operation goes to dead letters all the same.
@@ -441,8 +438,10 @@ class CioTask(Task):  # type: ignore[misc]
             calls.append(breaker.record_call(permit, outcome, duration))
         if claims is not None and claim is not None and claim.owned:
             calls.append(claims.done_call(claim, self.request.id or "") if delivered else claims.release_call(claim))
-        if pause is not None and Limiter(self.cio_settings).rate_of(bucket_of(self.operation)) > 0:
-            calls.append(Limiter(self.cio_settings).pause_call(bucket_of(self.operation), pause))
+        if pause is not None:
+            limiter, bucket = Limiter(self.cio_settings), bucket_of(self.operation)
+            if limiter.rate_of(bucket) > 0:
+                calls.append(limiter.pause_call(bucket, pause))
         if not calls:
             return
         try:
@@ -529,7 +528,6 @@ class CioTask(Task):  # type: ignore[misc]
             # Celery rejects and loses a message whose retry could not be published.
             _log(logging.ERROR, "retry_publish_failed", self, "requeued", error=type(publish_exc).__name__)
             raise Reject("retry could not be published", requeue=True) from None
-
 
     def _count_retry(self, reason: str) -> None:
         """Count the retry by reason in ``{prefix}:stats`` (Prometheus reads it); best effort."""
