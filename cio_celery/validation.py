@@ -8,10 +8,14 @@ fails in the caller instead of in a worker minutes later.
 Everything here is pure (no I/O) and cheap: signatures are precomputed tables, values
 are walked once, and each payload is serialised to JSON at most once or twice.
 
-Error messages name the operation, the field (a path such as ``data.items[2]``) and
-the limit, never a value: ids, emails and attribute values are customer data and these
-messages end up in logs. Dict keys do appear in paths, truncated to
-:data:`KEY_DISPLAY_MAX_CHARS` characters, and only when printable.
+Error messages name the operation, the field (a path such as ``data[<key 0>][2]``) and
+the limit, never a value: ids, emails, attribute values and the keys of caller data are
+customer data and these messages end up in logs. Only Customer.io's own field names
+(:data:`SCHEMA_KEYS`) appear by name in paths; any other dict key is shown by its position.
+
+Values are walked iteratively (never recursively) and at most :data:`MAX_NESTING_DEPTH`
+containers deep, so the answer does not depend on the caller's stack, a value that contains
+itself is refused, and nothing downstream (JSON encoding, the SDK) can hit the recursion limit.
 """
 
 from __future__ import annotations
@@ -45,17 +49,22 @@ __all__ = [
     "EMAIL_MAX_BYTES",
     "EVENT_DATA_MAX_BYTES",
     "EVENT_NAME_MAX_BYTES",
+    "IDEMPOTENCY_KEY_MAX_BYTES",
     "IDENTIFIER_TYPES",
     "KEY_DISPLAY_MAX_CHARS",
     "MAX_ATTRIBUTES",
+    "MAX_NESTING_DEPTH",
     "MERGE_ID_TYPES",
     "OPERATIONS",
+    "PATH_ID_FIELDS",
     "PERSON_ID_MAX_BYTES",
+    "SCHEMA_KEYS",
     "TIMESTAMP_LIMIT",
     "TRANSACTIONAL_DEFAULT_MAX_BYTES",
     "TRANSACTIONAL_MAX_BYTES",
     "json_size",
     "normalize",
+    "validate_idempotency_key",
 ]
 
 # --------------------------------------------------------------------------- limits
@@ -92,7 +101,44 @@ TRANSACTIONAL_DEFAULT_MAX_BYTES: Final = 100_000
 TIMESTAMP_LIMIT: Final = 10**10
 """Timestamps must be below this (year 2286): a bigger number is almost surely milliseconds."""
 KEY_DISPLAY_MAX_CHARS: Final = 40
-"""Dict keys in error field paths are cut to this many characters."""
+"""Argument names in error messages are cut to this many characters."""
+MAX_NESTING_DEPTH: Final = 32
+"""Most nested containers (dicts, lists) in one argument, the argument itself included.
+
+Customer.io documents no nesting limit; 32 is far beyond any real attribute or event data
+and far below every recursion limit on the way (JSON encoding, the SDK, Celery, kombu).
+"""
+IDEMPOTENCY_KEY_MAX_BYTES: Final = 150
+"""``apply_async(..., idempotency_key=...)``: UTF-8 bytes, like a person id."""
+PATH_ID_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "identify": ("id",),
+    "track": ("customer_id",),
+    "pageview": ("customer_id",),
+    "backfill": ("customer_id",),
+    "delete": ("customer_id",),
+    "suppress": ("customer_id",),
+    "unsuppress": ("customer_id",),
+    "add_device": ("customer_id", "device_id"),
+    "delete_device": ("customer_id", "device_id"),
+}
+"""The ids each operation puts in its URL path; none may be made only of dots.
+
+``add_device`` sends its device id in the body, but it is the same kind of id as
+``delete_device``'s, which is a path segment: one rule for both.
+"""
+SCHEMA_KEYS: Final[frozenset[str]] = frozenset({
+    # v1/v2 Track API fields (batch operations, identifiers, devices, merges)
+    "type", "action", "identifiers", "id", "email", "cio_id", "attributes", "name", "timestamp",
+    "primary", "secondary", "device", "token", "platform", "last_used", "data", "object_type_id",
+    "object_id", "cio_relationships", "relationships", "created_at", "unsubscribed", "anonymous_id",
+    # App API transactional fields (the SDK's Send*Request field maps)
+    "transactional_message_id", "disable_message_retention", "queue_draft", "message_data", "send_at",
+    "language", "from", "to", "headers", "reply_to", "cc", "bcc", "subject", "preheader", "body",
+    "body_plain", "body_amp", "fake_bcc", "send_to_unsubscribed", "tracked", "attachments",
+    "disable_css_preprocessing", "title", "message", "image_url", "link", "custom_data",
+    "custom_payload", "custom_device", "sound",
+})
+"""Customer.io's own field names: the only dict keys an error path shows by name."""
 
 OPERATIONS: Final[tuple[str, ...]] = (
     "identify",
@@ -118,6 +164,7 @@ OPERATIONS: Final[tuple[str, ...]] = (
 _EVENT_ACTIONS: Final = frozenset({"event", "page", "screen"})
 _ULID_RE: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 _INT_STR_RE: Final = re.compile(r"[+-]?[0-9]{1,30}")
+_DOTS_PROBLEM: Final = "is made only of dots, which would change the request's URL path"
 _ULID_PROBLEM: Final = "must be a ULID (26 Crockford base32 characters)"
 _SURROGATE_PROBLEM: Final = "is not valid UTF-8 text (it holds a lone surrogate)"
 _IDENTIFIERS_PROBLEM: Final = "must be a dict with exactly one of the keys id, email, cio_id"
@@ -141,7 +188,7 @@ def _make_fast_encode() -> Callable[[Any], str]:
 
     ``JSONEncoder.encode`` builds a new C encoder on every call, which costs more than
     encoding a small payload; this builds it once. Values that went through _clean hold
-    no cycles (the walk would have hit the recursion limit), so no circular check.
+    no cycles (the walk stops at MAX_NESTING_DEPTH), so no circular check.
     Falls back to the public encoder if the C accelerator is missing or differs.
     """
     fallback = json.JSONEncoder(
@@ -177,22 +224,68 @@ def json_size(value: Any) -> int:
 def _size(operation: str, field: str, value: Any) -> int:
     """json_size of an already cleaned value, turning the rare failures into ValidationError."""
     try:
-        text = _fast_encode(value)
+        try:
+            text = _fast_encode(value)
+        except RecursionError:
+            # The C encoder recurses once per container (at most MAX_NESTING_DEPTH here), which
+            # only fails for a caller already near the recursion limit: count without recursing.
+            return _iterative_size(value)
     except ValueError:  # an int with more digits than int -> str conversion allows
         raise ValidationError(operation, field, "holds an integer too large to serialise") from None
     return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+_encode_str: Final[Callable[[str], str]] = getattr(json.encoder, "c_encode_basestring", None) or (
+    json.encoder.py_encode_basestring
+)
+
+
+def _scalar_size(value: Any) -> int:
+    if type(value) is str:
+        text = _encode_str(value)
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
+    if value is None or value is True:
+        return 4
+    if value is False:
+        return 5
+    if type(value) is float:
+        return len(float.__repr__(value))
+    return len(int.__repr__(value))  # ValueError past the int -> str digit limit, as the encoder
+
+
+def _iterative_size(value: Any) -> int:
+    """json_size of a cleaned value (str keys, finite floats) with an explicit stack."""
+    total = 0
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            total += 2 + max(0, 2 * len(item) - 1)  # braces, a colon per pair, commas between
+            for key, inner in item.items():
+                total += _scalar_size(key)
+                stack.append(inner)
+        elif kind is list:
+            total += 2 + max(0, len(item) - 1)
+            stack.extend(item)
+        else:
+            total += _scalar_size(item)
+    return total
 
 
 # ------------------------------------------------------------------ field rendering
 
 
 def _key_segment(key: Any, index: int) -> str:
-    """Path segment for a dict key: ``.name`` (cut to 40 chars) or ``.<key #i>`` when unprintable."""
-    if type(key) is str and key and key.isprintable():
-        if len(key) > KEY_DISPLAY_MAX_CHARS:
-            return "." + key[:KEY_DISPLAY_MAX_CHARS] + "..."
+    """Path segment for a dict key: ``.name`` for a Customer.io field name, else ``[<key i>]``.
+
+    Keys of caller data are customer data as often as not (an email as a key, a person id
+    as a key), and paths end up in logs: only the fixed vocabulary of Customer.io's own
+    field names is shown; any other key is named by its position in its dict.
+    """
+    if type(key) is str and key in SCHEMA_KEYS:
         return "." + key
-    return f".<key #{index}>"
+    return f"[<key {index}>]"
 
 
 def _key_field(prefix: str, key: Any, index: int) -> str:
@@ -207,7 +300,7 @@ def _type_name(value: Any) -> str:
 
 
 class _Bad(Exception):
-    """Raised deep in the value walk; the path is collected while unwinding."""
+    """Raised in the value walk; ``segments`` is the path below the walked field, outermost first."""
 
     def __init__(self, problem: str) -> None:
         super().__init__(problem)
@@ -229,8 +322,18 @@ def _datetime_to_seconds(value: datetime) -> int:
     return int(value.timestamp())
 
 
-def _clean(value: Any) -> Any:
-    """A JSON-safe copy of ``value``; raises _Bad for what JSON cannot carry."""
+_NEST: Final = object()
+"""Returned by :func:`_leaf` for a container: the walk goes into it."""
+_NO_KEY: Final = object()
+"""A dict frame's key while the key itself is being checked (the path stops at the dict)."""
+_DEPTH_PROBLEM: Final = (
+    f"is nested more than {MAX_NESTING_DEPTH} levels deep (or contains itself); "
+    f"the limit is {MAX_NESTING_DEPTH} levels"
+)
+
+
+def _leaf(value: Any) -> Any:
+    """A JSON-safe scalar for ``value``, or ``_NEST`` for a dict, list or tuple; raises _Bad."""
     kind = type(value)
     if kind is str:
         if not value.isascii():
@@ -244,24 +347,19 @@ def _clean(value: Any) -> Any:
         if value == _INF or value == -_INF:
             raise _Bad("is infinite, which is not JSON-serialisable")
         return value
-    if kind is dict:
-        return _clean_dict(value)
-    if kind is list or kind is tuple:
-        return _clean_list(value)
-    return _clean_other(value)
-
-
-def _clean_dict(value: Mapping[Any, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if type(key) is not str or not key.isascii():
-            key = _clean_key(key)
-        try:
-            out[key] = _clean(item)
-        except _Bad as bad:
-            bad.segments.append(_key_segment(key, len(out)))
-            raise
-    return out
+    if kind is dict or kind is list or kind is tuple:
+        return _NEST
+    if isinstance(value, datetime):
+        return _datetime_to_seconds(value)
+    if isinstance(value, str):
+        return _leaf(str.__str__(value))  # a plain str now: one level, never deeper
+    if isinstance(value, int):  # IntEnum and friends; bool is final and handled above
+        return int.__int__(value)
+    if isinstance(value, float):
+        return _leaf(float.__float__(value))
+    if isinstance(value, (dict, list, tuple)):
+        return _NEST
+    raise _Bad(f"is of type {_type_name(value)}, which is not JSON-serialisable")
 
 
 def _clean_key(key: Any) -> str:
@@ -277,32 +375,76 @@ def _clean_key(key: Any) -> str:
     raise _Bad(f"has a key of type {_type_name(key)}; JSON object keys must be strings")
 
 
-def _clean_list(value: Sequence[Any]) -> list[Any]:
-    out: list[Any] = []
-    append = out.append
-    for item in value:
-        try:
-            append(_clean(item))
-        except _Bad as bad:
-            bad.segments.append(f"[{len(out)}]")
-            raise
+def _frame(value: Any) -> list[Any]:
+    """A walk frame: [items iterator, output container, is a dict, position, current key]."""
+    if isinstance(value, dict):
+        return [iter(value.items()), {}, True, 0, _NO_KEY]
+    return [iter(value), [], False, 0, None]
+
+
+def _segments(stack: list[list[Any]]) -> list[str]:
+    out: list[str] = []
+    for _, _, is_dict, position, key in stack:
+        if not is_dict:
+            out.append(f"[{position}]")
+        elif key is not _NO_KEY:
+            out.append(_key_segment(key, position))
     return out
 
 
-def _clean_other(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return _datetime_to_seconds(value)
-    if isinstance(value, str):
-        return _clean(str.__str__(value))
-    if isinstance(value, int):  # IntEnum and friends; bool is final and handled above
-        return int.__int__(value)
-    if isinstance(value, float):
-        return _clean(float.__float__(value))
-    if isinstance(value, dict):
-        return _clean_dict(value)
-    if isinstance(value, (list, tuple)):
-        return _clean_list(value)
-    raise _Bad(f"is of type {_type_name(value)}, which is not JSON-serialisable")
+def _clean(value: Any) -> Any:
+    """A JSON-safe copy of ``value``; raises _Bad for what JSON cannot carry.
+
+    The walk is iterative with an explicit stack of at most MAX_NESTING_DEPTH frames, so
+    neither the answer nor the cost depends on the caller's own stack depth, and a value
+    that contains itself ends at the depth limit.
+    """
+    leaf = _leaf(value)
+    if leaf is not _NEST:
+        return leaf
+    root = _frame(value)
+    stack = [root]
+    try:
+        while stack:
+            frame = stack[-1]
+            items, out, is_dict = frame[0], frame[1], frame[2]
+            for item in items:
+                if is_dict:
+                    key, item = item
+                    if type(key) is not str or not key.isascii():
+                        frame[4] = _NO_KEY
+                        key = _clean_key(key)
+                    frame[4] = key
+                kind = type(item)
+                if (kind is str and item.isascii()) or kind is int or item is None or kind is bool:
+                    leaf = item  # the common scalars, without a call
+                else:
+                    leaf = _leaf(item)
+                if leaf is _NEST:
+                    if len(stack) >= MAX_NESTING_DEPTH:
+                        raise _Bad(_DEPTH_PROBLEM)
+                    child = _frame(item)
+                    if is_dict:
+                        out[key] = child[1]
+                    else:
+                        out.append(child[1])
+                    stack.append(child)
+                    break  # walk the child; this frame's iterator resumes after it
+                if is_dict:
+                    out[key] = leaf
+                else:
+                    out.append(leaf)
+                frame[3] += 1
+            else:
+                stack.pop()
+                if stack:
+                    stack[-1][3] += 1
+    except _Bad as bad:
+        segments = _segments(stack)
+        # A too-deep value: its first step names the attribute or key; the rest is noise.
+        bad.segments = segments[:1] if bad.problem is _DEPTH_PROBLEM else segments
+        raise
+    return root[1]
 
 
 def _normalise(operation: str, field: str, value: Any) -> Any:
@@ -310,9 +452,7 @@ def _normalise(operation: str, field: str, value: Any) -> Any:
     try:
         return _clean(value)
     except _Bad as bad:
-        raise ValidationError(operation, field + "".join(reversed(bad.segments)), bad.problem) from None
-    except RecursionError:
-        raise ValidationError(operation, field, "is nested too deeply (or contains itself)") from None
+        raise ValidationError(operation, field + "".join(bad.segments), bad.problem) from None
 
 
 def _normalise_items(operation: str, prefix: str, items: dict[str, Any]) -> dict[str, Any]:
@@ -322,11 +462,8 @@ def _normalise_items(operation: str, prefix: str, items: dict[str, Any]) -> dict
         try:
             out[key] = _clean(item)
         except _Bad as bad:
-            field = _key_field(prefix, key, len(out)) + "".join(reversed(bad.segments))
+            field = _key_field(prefix, key, len(out)) + "".join(bad.segments)
             raise ValidationError(operation, field, bad.problem) from None
-        except RecursionError:
-            field = _key_field(prefix, key, len(out))
-            raise ValidationError(operation, field, "is nested too deeply (or contains itself)") from None
     return out
 
 
@@ -378,6 +515,22 @@ def _id(operation: str, field: str, value: Any, limit: int | None) -> str | int:
 
 def _person_id(operation: str, field: str, value: Any) -> str | int:
     return _id(operation, field, value, PERSON_ID_MAX_BYTES)
+
+
+def _path_id(operation: str, field: str, value: Any, limit: int) -> str | int:
+    """An id that becomes a URL path segment: also never ``.``, ``..`` or only dots.
+
+    The SDK percent-encodes ids (``/`` and ``%`` included) but leaves dots alone, and
+    urllib3 removes dot segments before sending: ``..`` would climb to another endpoint.
+    """
+    checked = _id(operation, field, value, limit)
+    if type(checked) is str and not checked.strip("."):
+        raise ValidationError(operation, field, _DOTS_PROBLEM)
+    return checked
+
+
+def _path_person_id(operation: str, field: str, value: Any) -> str | int:
+    return _path_id(operation, field, value, PERSON_ID_MAX_BYTES)
 
 
 def _text(operation: str, field: str, value: Any, limit: int | None) -> str:
@@ -513,7 +666,7 @@ _Checker = Callable[[str, list[Any], dict[str, Any]], dict[str, Any]]
 
 
 def _check_identify(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
-    values[0] = _person_id(op, "id", values[0])
+    values[0] = _path_person_id(op, "id", values[0])
     count = len(extras)
     if count > MAX_ATTRIBUTES:
         raise ValidationError(op, "attributes", f"has {count} attributes; the limit is {MAX_ATTRIBUTES}")
@@ -539,11 +692,8 @@ def _check_identify(op: str, values: list[Any], extras: dict[str, Any]) -> dict[
             try:
                 value = _clean(raw)
             except _Bad as bad:
-                field = _attribute_field(name, attributes) + "".join(reversed(bad.segments))
+                field = _attribute_field(name, attributes) + "".join(bad.segments)
                 raise ValidationError(op, field, bad.problem) from None
-            except RecursionError:
-                field = _attribute_field(name, attributes)
-                raise ValidationError(op, field, "is nested too deeply (or contains itself)") from None
             kind = type(value)
             if kind is str:
                 # At most 4 UTF-8 bytes a character: short text cannot break the limit.
@@ -576,7 +726,7 @@ def _check_event(op: str, values: list[Any], extras: dict[str, Any], anonymous: 
         if anonymous_id is not None and not (type(anonymous_id) is str and anonymous_id == ""):
             values[0] = _person_id(op, "anonymous_id", anonymous_id)
     else:
-        values[0] = _person_id(op, "customer_id", values[0])
+        values[0] = _path_person_id(op, "customer_id", values[0])
     values[1] = _event_name(op, "name", values[1])
     values[2] = _event_data(op, "data", values[2])
     if values[3] is not None:
@@ -595,26 +745,26 @@ def _check_track_anonymous(op: str, values: list[Any], extras: dict[str, Any]) -
 
 
 def _check_pageview(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
-    values[0] = _person_id(op, "customer_id", values[0])
+    values[0] = _path_person_id(op, "customer_id", values[0])
     values[1] = _event_name(op, "page", values[1])
     return _extra_data(op, extras, EVENT_DATA_MAX_BYTES)
 
 
 def _check_backfill(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
-    values[0] = _person_id(op, "customer_id", values[0])
+    values[0] = _path_person_id(op, "customer_id", values[0])
     values[1] = _event_name(op, "name", values[1])
     values[2] = _timestamp(op, "timestamp", values[2])
     return _extra_data(op, extras, EVENT_DATA_MAX_BYTES)
 
 
 def _check_customer(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
-    values[0] = _person_id(op, "customer_id", values[0])
+    values[0] = _path_person_id(op, "customer_id", values[0])
     return extras
 
 
 def _check_device_id(op: str, values: list[Any]) -> None:
-    values[0] = _person_id(op, "customer_id", values[0])
-    values[1] = _id(op, "device_id", values[1], DEVICE_ID_MAX_BYTES)
+    values[0] = _path_person_id(op, "customer_id", values[0])
+    values[1] = _path_id(op, "device_id", values[1], DEVICE_ID_MAX_BYTES)
 
 
 def _check_add_device(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
@@ -767,7 +917,8 @@ assert tuple(_SPECS) == OPERATIONS
 
 
 def _argument_name(key: Any, index: int) -> str:
-    if type(key) is str and key and key.isprintable():
+    """An unknown keyword's name when it looks like one (a Python identifier), else its position."""
+    if type(key) is str and key.isidentifier() and key.isascii():
         return key if len(key) <= KEY_DISPLAY_MAX_CHARS else key[:KEY_DISPLAY_MAX_CHARS] + "..."
     return f"<argument #{index}>"
 
@@ -836,3 +987,21 @@ def normalize(
     values, extras = _bind(operation, spec, args, kwargs)
     extras = spec.check(operation, values, extras)
     return tuple(values), extras
+
+
+def validate_idempotency_key(operation: str, key: Any) -> str:
+    """A caller's ``idempotency_key``: a non-blank str of at most 150 UTF-8 bytes, as a plain str.
+
+    Raises :class:`~cio_celery.exceptions.ValidationError` (field ``idempotency_key``)
+    naming the limit, never the key.
+    """
+    field = "idempotency_key"
+    if not isinstance(key, str):
+        raise ValidationError(operation, field, f"is of type {_type_name(key)}; must be a non-blank string")
+    text = str.__str__(key)
+    if not text or text.isspace():
+        raise ValidationError(operation, field, "must be a non-blank string")
+    size = _utf8_len(operation, field, text)
+    if size > IDEMPOTENCY_KEY_MAX_BYTES:
+        raise ValidationError(operation, field, f"is {size} bytes; the limit is {IDEMPOTENCY_KEY_MAX_BYTES} bytes")
+    return text

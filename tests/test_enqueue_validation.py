@@ -14,6 +14,11 @@ import cio_celery
 from cio_celery import ValidationError
 
 LONG_ID = "p" * 151
+DOTS = "is made only of dots, which would change the request's URL path"
+DEPTH = "is nested more than 32 levels deep (or contains itself); the limit is 32 levels"
+DEEP: Any = 1
+for _ in range(500):
+    DEEP = [DEEP]
 EMAIL_REQ = {"transactional_message_id": 1, "identifiers": {"id": "u1"}}
 
 # (task, args, kwargs, field, message) -- one row per rule; the message is asserted whole.
@@ -24,16 +29,24 @@ RULES: list[tuple[str, tuple[Any, ...], dict[str, Any], str, str]] = [
     ("identify", (True,), {}, "id", "identify: id is of type bool; must be a str or an int"),
     ("identify", ("u1",), {f"a{i}": i for i in range(301)}, "attributes",
      "identify: attributes has 301 attributes; the limit is 300"),
-    ("identify", ("u1",), {"n" * 151: 1}, "attributes." + "n" * 40 + "...",
-     "identify: attributes." + "n" * 40 + "... name is 151 bytes; the limit is 150 bytes"),
-    ("identify", ("u1",), {"bio": "x" * 1001}, "attributes.bio",
-     "identify: attributes.bio is 1001 bytes; the limit is 1000 bytes"),
-    ("identify", ("u1",), {"tags": {1, 2}}, "attributes.tags",
-     "identify: attributes.tags is of type set, which is not JSON-serialisable"),
+    ("identify", ("u1",), {"n" * 151: 1}, "attributes[<key 0>]",
+     "identify: attributes[<key 0>] name is 151 bytes; the limit is 150 bytes"),
+    ("identify", ("u1",), {"bio": "x" * 1001}, "attributes[<key 0>]",
+     "identify: attributes[<key 0>] is 1001 bytes; the limit is 1000 bytes"),
+    ("identify", ("u1",), {"tags": {1, 2}}, "attributes[<key 0>]",
+     "identify: attributes[<key 0>] is of type set, which is not JSON-serialisable"),
+    ("identify", ("u1",), {"email": "x" * 1001}, "attributes.email",
+     "identify: attributes.email is 1001 bytes; the limit is 1000 bytes"),
+    ("identify", ("u1",), {"ada.lovelace@example.com": float("inf")}, "attributes[<key 0>]",
+     "identify: attributes[<key 0>] is infinite, which is not JSON-serialisable"),
+    ("identify", ("..",), {}, "id", f"identify: id {DOTS}"),
+    ("identify", (".",), {}, "id", f"identify: id {DOTS}"),
     ("track", ("u1", ""), {}, "name", "track: name must not be blank"),
     ("track", ("u1", "e" * 101), {}, "name", "track: name is 101 bytes; the limit is 100 bytes"),
     ("track", ("u1", "ev", {"blob": "x" * 100_000}), {}, "data",
      "track: data is 100011 bytes as JSON; the limit is 100000 bytes"),
+    ("track", ("..", "evt"), {}, "customer_id", f"track: customer_id {DOTS}"),
+    ("track", ("u1", "ev", {"nest": DEEP}), {}, "data[<key 0>]", f"track: data[<key 0>] {DEPTH}"),
     ("track", ("u1", "ev", ["not", "a", "dict"]), {}, "data",
      "track: data is of type list; must be a dict or None"),
     ("track", ("u1", "ev"), {"id": "not-a-ulid"}, "id",
@@ -47,6 +60,15 @@ RULES: list[tuple[str, tuple[Any, ...], dict[str, Any], str, str]] = [
     ("track_anonymous", (LONG_ID, "ev"), {}, "anonymous_id",
      "track_anonymous: anonymous_id is 151 bytes; the limit is 150 bytes"),
     ("pageview", ("u1", "/" + "p" * 100), {}, "page", "pageview: page is 101 bytes; the limit is 100 bytes"),
+    ("pageview", ("...", "/p"), {}, "customer_id", f"pageview: customer_id {DOTS}"),
+    ("backfill", ("..", "ev", 1), {}, "customer_id", f"backfill: customer_id {DOTS}"),
+    ("delete", ("..",), {}, "customer_id", f"delete: customer_id {DOTS}"),
+    ("suppress", ("..",), {}, "customer_id", f"suppress: customer_id {DOTS}"),
+    ("unsuppress", (".",), {}, "customer_id", f"unsuppress: customer_id {DOTS}"),
+    ("add_device", ("..", "tok", "ios"), {}, "customer_id", f"add_device: customer_id {DOTS}"),
+    ("add_device", ("u1", "..", "ios"), {}, "device_id", f"add_device: device_id {DOTS}"),
+    ("delete_device", ("victim", ".."), {}, "device_id", f"delete_device: device_id {DOTS}"),
+    ("delete_device", (".", "tok"), {}, "customer_id", f"delete_device: customer_id {DOTS}"),
     ("backfill", ("u1", "ev", None), {}, "timestamp", "backfill: timestamp must not be None"),
     ("backfill", ("u1", "ev", -5), {}, "timestamp", "backfill: timestamp is negative; must be unix seconds (>= 0)"),
     ("delete", ("",), {}, "customer_id", "delete: customer_id must not be blank"),
@@ -73,8 +95,8 @@ RULES: list[tuple[str, tuple[Any, ...], dict[str, Any], str, str]] = [
     ("send_sms", (customerio.SendEmailRequest(transactional_message_id=1, identifiers={"id": "u"}),), {},
      "request", "send_sms: request is a SendEmailRequest; send_sms takes a dict or a SendSMSRequest"),
     ("send_push", ({**EMAIL_REQ, "message_data": {"when": datetime.now(timezone.utc).date()}},), {},
-     "request.message_data.when",
-     "send_push: request.message_data.when is of type date, which is not JSON-serialisable"),
+     "request.message_data[<key 0>]",
+     "send_push: request.message_data[<key 0>] is of type date, which is not JSON-serialisable"),
 ]
 
 

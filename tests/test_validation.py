@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -255,33 +256,33 @@ def test_attribute_count() -> None:
 
 
 def test_attribute_name_rules() -> None:
-    fails("identify", ["u"], {"": 1}, "attributes.<key #0>", "name must not be empty")
+    fails("identify", ["u"], {"": 1}, "attributes[<key 0>]", "name must not be empty")
     long_name = "n" * 151
     fails(
         "identify",
         ["u"],
-        {long_name: 1},
-        "attributes." + "n" * 40 + "...",
+        {"a": 1, long_name: 1},
+        "attributes[<key 1>]",
         "name is 151 bytes; the limit is 150 bytes",
     )
     fails(
         "identify",
         ["u"],
         {"ñ" * 76: 1},
-        "attributes." + "ñ" * 40 + "...",
+        "attributes[<key 0>]",
         "name is 152 bytes; the limit is 150 bytes",
     )
     assert normalize("identify", ("u",), {"n" * 150: 1})[1] == {"n" * 150: 1}
 
 
 def test_attribute_value_size() -> None:
-    fails("identify", ["u"], {"bio": "b" * 1001}, "attributes.bio", "is 1001 bytes; the limit is 1000 bytes")
-    fails("identify", ["u"], {"bio": "é" * 501}, "attributes.bio", "is 1002 bytes; the limit is 1000 bytes")
+    fails("identify", ["u"], {"bio": "b" * 1001}, "attributes[<key 0>]", "is 1001 bytes; the limit is 1000 bytes")
+    fails("identify", ["u"], {"email": "é" * 501}, "attributes.email", "is 1002 bytes; the limit is 1000 bytes")
     fails(
         "identify",
         ["u"],
         {"tags": ["t" * 500, "t" * 500]},
-        "attributes.tags",
+        "attributes[<key 0>]",
         "is 1007 bytes as JSON; the limit is 1000 bytes",
     )
     assert normalize("identify", ("u",), {"bio": "b" * 1000, "x": "é" * 500})[1]["bio"] == "b" * 1000
@@ -289,19 +290,26 @@ def test_attribute_value_size() -> None:
     assert normalize("identify", ("u",), {"l": ["x" * 996]})[1] == {"l": ["x" * 996]}
 
 
-def test_attribute_field_for_unprintable_or_long_names() -> None:
+def test_attribute_names_in_paths_are_positions_unless_customerio_field_names() -> None:
     fails(
         "identify",
         ["u"],
         {"ok": 1, "bad\nname": {1}},
-        "attributes.<key #1>",
+        "attributes[<key 1>]",
         "is of type set, which is not JSON-serialisable",
     )
     fails(
         "identify",
         ["u"],
         {"p" * 45: {"x": {2}}},
-        "attributes." + "p" * 40 + "....x",
+        "attributes[<key 0>][<key 0>]",
+        "is of type set, which is not JSON-serialisable",
+    )
+    fails(
+        "identify",
+        ["u"],
+        {"ada.lovelace@example.com": 1, "created_at": {"title": [0, {1}]}},
+        "attributes.created_at.title[1]",
         "is of type set, which is not JSON-serialisable",
     )
 
@@ -718,35 +726,35 @@ def test_unserialisable_types_name_the_path_and_type() -> None:
         "track",
         ["u", "ev", {"items": [1, 2, {3}]}],
         {},
-        "data.items[2]",
+        "data[<key 0>][2]",
         "is of type set, which is not JSON-serialisable",
     )
     fails(
         "identify",
         ["u"],
         {"plan": object()},
-        "attributes.plan",
+        "attributes[<key 0>]",
         "is of type object, which is not JSON-serialisable",
     )
     fails(
         "send_sms",
         [{"transactional_message_id": 1, "identifiers": {"id": "u"}, "message_data": {"x": b"1"}}],
         {},
-        "request.message_data.x",
+        "request.message_data[<key 0>]",
         "is of type bytes, which is not JSON-serialisable",
     )
     fails(
         "pageview",
         ["u", "/p"],
         {"when": datetime(2024, 1, 1).date()},
-        "data.when",
+        "data[<key 0>]",
         "is of type date, which is not JSON-serialisable",
     )
     fails(
         "batch",
         [[{**person_event(), "attributes": {"a": [[complex(1, 2)]]}}]],
         {},
-        "operations[0].attributes.a[0][0]",
+        "operations[0].attributes[<key 0>][0][0]",
         "is of type complex, which is not JSON-serialisable",
     )
 
@@ -756,7 +764,7 @@ def test_dict_keys_must_be_str() -> None:
         "track",
         ["u", "ev", {"m": {1: "x"}}],
         {},
-        "data.m",
+        "data[<key 0>]",
         "has a key of type int; JSON object keys must be strings",
     )
 
@@ -766,49 +774,137 @@ def test_infinity_refused() -> None:
         "track",
         ["u", "ev", {"score": [math.inf]}],
         {},
-        "data.score[0]",
+        "data[<key 0>][0]",
         "is infinite, which is not JSON-serialisable",
     )
     fails(
         "identify",
         ["u"],
         {"score": -math.inf},
-        "attributes.score",
+        "attributes[<key 0>]",
         "is infinite, which is not JSON-serialisable",
     )
 
 
-def test_long_and_unprintable_keys_in_paths() -> None:
-    key = "k" * 60
-    fails(
+def test_keys_of_caller_data_never_appear_in_paths() -> None:
+    email = "ada.lovelace@example.com"
+    error = fails(
         "track",
-        ["u", "ev", {key: {1}}],
+        ["u", "ev", {"a": 1, "b": 2, "c": 3, email: math.inf}],
         {},
-        "data." + "k" * 40 + "...",
-        "is of type set, which is not JSON-serialisable",
+        "data[<key 3>]",
+        "is infinite, which is not JSON-serialisable",
     )
+    assert "ada" not in str(error)
     fails(
         "track",
         ["u", "ev", {"a": 1, "b\x00": {1}}],
         {},
-        "data.<key #1>",
+        "data[<key 1>]",
+        "is of type set, which is not JSON-serialisable",
+    )
+    fails(
+        "send_email",
+        [{"transactional_message_id": 1, "identifiers": {"id": "u"},
+          "attachments": {"invoice-of-ada.pdf": b"%PDF"}}],
+        {},
+        "request.attachments[<key 0>]",
+        "is of type bytes, which is not JSON-serialisable",
+    )
+    fails(
+        "pageview",
+        ["u", "/p"],
+        {"ok": 1, "user-7@example.com": {1}},
+        "data[<key 1>]",
         "is of type set, which is not JSON-serialisable",
     )
 
 
-def test_cycles_and_deep_nesting() -> None:
+DEPTH = v.MAX_NESTING_DEPTH
+DEPTH_PROBLEM = f"is nested more than {DEPTH} levels deep (or contains itself); the limit is {DEPTH} levels"
+
+
+def nested(levels: int, leaf: Any = 1) -> Any:
+    """``levels`` nested containers around ``leaf``, alternating lists and dicts, a list innermost."""
+    value = leaf
+    for level in range(levels):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("op", ["track", "identify", "pageview", "batch", "send_push"])
+def test_nesting_limit_is_exact_for_every_container_argument(op: str) -> None:
+    def call(levels: int) -> tuple[list[Any], dict[str, Any], str]:
+        if op == "track":  # data is level 1
+            return ["u", "ev", {"x": nested(levels - 1)}], {}, "data[<key 0>]"
+        if op == "identify":  # an attribute value is level 1
+            return ["u"], {"x": nested(levels)}, "attributes[<key 0>][0]"
+        if op == "pageview":
+            return ["u", "/p"], {"x": nested(levels)}, "data[<key 0>][0]"
+        if op == "batch":  # the list is level 1, the operation 2, its attributes 3
+            event = {**person_event(), "attributes": {"x": nested(levels - 3)}}
+            return [[event]], {}, "operations[0]"
+        request = {"transactional_message_id": 1, "identifiers": {"id": "u"}, "custom_data": nested(levels - 1)}
+        return [request], {}, "request.custom_data"
+
+    args, kwargs, _ = call(DEPTH)
+    normalize(op, tuple(args), kwargs)
+    args, kwargs, field = call(DEPTH + 1)
+    fails(op, args, kwargs, field, DEPTH_PROBLEM)
+
+
+def test_cycles_end_at_the_nesting_limit() -> None:
     cyclic: dict[str, Any] = {}
     cyclic["self"] = cyclic
-    fails("track", ["u", "ev", cyclic], {}, "data", "is nested too deeply (or contains itself)")
-    deep: list[Any] = []
-    for _ in range(5000):
-        deep = [deep]
-    fails("identify", ["u"], {"deep": deep}, "attributes.deep", "is nested too deeply (or contains itself)")
+    fails("track", ["u", "ev", cyclic], {}, "data[<key 0>]", DEPTH_PROBLEM)
+    looped: list[Any] = []
+    looped.append(looped)
+    fails("identify", ["u"], {"loop": looped}, "attributes[<key 0>][0]", DEPTH_PROBLEM)
+
+
+def stack_depth() -> int:
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+    return depth
+
+
+def at_stack_depth(free_frames: int, fn: Any) -> Any:
+    """Run ``fn`` with only ``free_frames`` frames left below the recursion limit."""
+    def down(n: int) -> Any:
+        return down(n - 1) if n > 0 else fn()
+
+    return down(sys.getrecursionlimit() - stack_depth() - free_frames)
+
+
+@pytest.mark.parametrize("free_frames", [25, 60, 500])
+def test_the_nesting_answer_does_not_depend_on_the_callers_stack(free_frames: int) -> None:
+    deep = nested(100_001)
+
+    def refused() -> ValidationError:
+        with pytest.raises(ValidationError) as info:
+            normalize("identify", ("u",), {"deep": deep})
+        return info.value
+
+    error = at_stack_depth(free_frames, refused)
+    assert (error.field, error.problem) == ("attributes[<key 0>][0]", DEPTH_PROBLEM)
+    # the deepest allowed value is allowed, and measured right, at any caller depth too
+    allowed = {"ok": nested(DEPTH, "é\n\"x"), "n": [1.5, None, True, False, -7]}
+    assert at_stack_depth(free_frames, lambda: normalize("identify", ("u",), allowed))[1] == allowed
+    big = {"x": nested(DEPTH - 1, "y" * 990)}
+    assert at_stack_depth(free_frames, lambda: v._size("track", "data", big)) == json_size(big)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(), lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=20))
+def test_iterative_size_agrees_with_the_encoder(value: Any) -> None:
+    assert v._iterative_size(value) == json_size(value)
 
 
 def test_lone_surrogates_refused() -> None:
     problem = "is not valid UTF-8 text (it holds a lone surrogate)"
-    fails("track", ["u", "ev", {"x": ["ok", "bad\ud800"]}], {}, "data.x[1]", problem)
+    fails("track", ["u", "ev", {"x": ["ok", "bad\ud800"]}], {}, "data[<key 0>][1]", problem)
     fails("delete", ["bad\udfff"], {}, "customer_id", problem)
     fails(
         "track",
@@ -820,7 +916,7 @@ def test_lone_surrogates_refused() -> None:
 
 
 def test_huge_integers_refused_without_crashing() -> None:
-    fails("identify", ["u"], {"n": 10**5000}, "attributes.n", "holds an integer too large to serialise")
+    fails("identify", ["u"], {"n": 10**5000}, "attributes[<key 0>]", "holds an integer too large to serialise")
 
 
 # --------------------------------------------------------------- normalisation
@@ -1140,8 +1236,8 @@ def test_normalize_is_idempotent_and_json_safe(call: tuple[str, tuple[Any, ...],
     try:
         out = normalize(op, args, kwargs)
     except ValidationError as exc:
-        # only the per-attribute size limit can trip on these generated calls
-        assert exc.problem.endswith("the limit is 1000 bytes"), exc
+        # only the per-attribute size limit and dot-only path ids can trip on these generated calls
+        assert exc.problem.endswith("the limit is 1000 bytes") or exc.problem == DOTS_PROBLEM, exc
         return
     out_args, out_kwargs = out
     assert len(out_args) == len(v._SPECS[op].params)
@@ -1185,3 +1281,74 @@ def test_internal_encoder_agrees_with_json_size(value: Any) -> None:
     cleaned = v._normalise("track", "data", value)
     assert v._size("track", "data", cleaned) == json_size(cleaned)
     assert v._fast_encode(cleaned) == json.dumps(cleaned, ensure_ascii=False, separators=(",", ":"))
+
+
+# ------------------------------------------------------------ ids in URL paths
+
+DOTS_PROBLEM = "is made only of dots, which would change the request's URL path"
+PATH_CALLS: dict[str, tuple[list[Any], dict[str, Any]]] = {
+    "identify": (["u"], {}),
+    "track": (["u", "ev"], {}),
+    "pageview": (["u", "/p"], {}),
+    "backfill": (["u", "ev", TS], {}),
+    "delete": (["u"], {}),
+    "suppress": (["u"], {}),
+    "unsuppress": (["u"], {}),
+    "add_device": (["u", "tok", "ios"], {}),
+    "delete_device": (["u", "tok"], {}),
+}
+
+
+def test_every_operation_with_a_path_id_is_listed() -> None:
+    assert set(PATH_CALLS) == set(v.PATH_ID_FIELDS)
+    for op, fields in v.PATH_ID_FIELDS.items():
+        assert set(fields) <= set(v._SPECS[op].params)
+
+
+@pytest.mark.parametrize("dots", [".", "..", "...", "." * 150])
+@pytest.mark.parametrize(("op", "field"), [(op, f) for op, fs in v.PATH_ID_FIELDS.items() for f in fs])
+def test_ids_made_only_of_dots_are_refused_where_they_form_a_url_path(op: str, field: str, dots: str) -> None:
+    args, kwargs = PATH_CALLS[op]
+    bad = list(args)
+    bad[v._SPECS[op].positions[field]] = dots
+    fails(op, bad, kwargs, field, DOTS_PROBLEM)
+    # by keyword too, and as a str subclass
+    named = dict(zip(v._SPECS[op].params, args))
+    named[field] = type("Sub", (str,), {})(dots)
+    fails(op, [], {**named, **kwargs}, field, DOTS_PROBLEM)
+
+
+@pytest.mark.parametrize("fine", ["a.b", ".hidden", "..x", "x..", "%2E%2E", "./", "a/..", " .. ", "\uff0e\uff0e"])
+def test_ids_with_dots_and_other_characters_are_fine(fine: str) -> None:
+    # The SDK percent-encodes "/", "%" and spaces, so none of these is a dot segment.
+    assert normalize("delete_device", (fine, fine), {})[0] == (fine, fine)
+
+
+def test_ids_in_bodies_may_be_dots() -> None:
+    assert normalize("track_anonymous", ("..", "ev"), {})[0][0] == ".."
+    assert normalize("merge_customers", ("id", "..", "id", "."), {})[0][1] == ".."
+    op = {**person_event(), "identifiers": {"id": ".."}}
+    assert normalize("batch", ([op],), {})[0][0][0]["identifiers"] == {"id": ".."}
+
+
+# ------------------------------------------------------------ idempotency key
+
+
+def test_idempotency_key_rules() -> None:
+    assert v.validate_idempotency_key("track", "order-17") == "order-17"
+    assert v.validate_idempotency_key("track", "k" * 150) == "k" * 150
+    assert type(v.validate_idempotency_key("track", type("S", (str,), {})("x"))) is str
+    cases: list[tuple[Any, str]] = [
+        ("k" * 151, "is 151 bytes; the limit is 150 bytes"),
+        ("é" * 76, "is 152 bytes; the limit is 150 bytes"),
+        ("x" * 10_000_000, "is 10000000 bytes; the limit is 150 bytes"),
+        ("", "must be a non-blank string"),
+        ("  ", "must be a non-blank string"),
+        (17, "is of type int; must be a non-blank string"),
+        (None, "is of type NoneType; must be a non-blank string"),
+        ("bad\ud800", "is not valid UTF-8 text (it holds a lone surrogate)"),
+    ]
+    for key, problem in cases:
+        with pytest.raises(ValidationError) as info:
+            v.validate_idempotency_key("track", key)
+        assert (info.value.field, info.value.problem) == ("idempotency_key", problem)
