@@ -23,23 +23,25 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from celery import Task, shared_task
+from celery.exceptions import Reject, Retry
 
-from .backoff import retry_delay
-from .breaker import breaker_for
+from . import policy
 from .client import clients_for
 from .deadletters import DeadLetters
-from .exceptions import PermanentError, TransientError, ValidationError
-from .fallback import Fallback
-from .idempotency import Claim, Claims
-from .limiter import Limiter
-from .operations import EVENT_ID_ARG, META_KEY
+from .delivery import REQUEUE_PAUSE, Ending, send_event
+from .exceptions import TransientError, ValidationError
+from .fallback import Fallback, read_entry
+from .guard import BatchGuard
+from .meta import META_KEY, Meta
+from .operations import EVENT_ID_ARG
+from .outcomes import DeadLetter, Delivered, Outcome, Park, Suppressed
+from .outcomes import Retry as RetryOutcome
+from .quarantine import Quarantine
 from .settings import Settings, settings_for_app
-from .store import ScriptCall, run_pipelined
 from .validation import normalize
 
 __all__ = ["BATCHABLE", "BATCH_TASK", "pack", "to_v2"]
@@ -144,148 +146,250 @@ class BatchTask(Task):  # type: ignore[misc]
     reject_on_worker_lost = True
     acks_on_timeout = False
     acks_on_failure_or_timeout = False
-    acks_on_failure = True
     max_retries = None
     typing = False
+    serializer = "json"
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         """Hide the operations from Flower and the broker's headers on every publish, retries
-        included (Celery's retry would show ``repr(args)``)."""
+        included (Celery's retry would show ``repr(args)``); carry the hard time limit."""
         group = (args or [[]])[0]
-        options.setdefault("argsrepr", f"<{len(group)} operations hidden>")
-        options.setdefault("kwargsrepr", repr(dict(kwargs or {})))  # only the rate-limit slot
+        n = len(group) if isinstance(group, list) else 0
+        options.setdefault("argsrepr", f"<{n} operation{'' if n == 1 else 's'} hidden>")
+        options.setdefault("kwargsrepr", "<batch metadata>")
+        options.setdefault("time_limit", settings_for_app(self.app).task_time_limit)
         return super().apply_async(args, kwargs, *rest, **options)
 
 
-def _release_singles(app: Any, settings: Settings, entries: list[dict[str, Any]]) -> None:
-    """Publish entries one by one to the fallback queue (their own path, their own verdict)."""
-    fallback = Fallback(settings, app)
-    for entry in entries:
-        fallback.publish(entry)
+@dataclass
+class Item:
+    """One parked operation inside a batch message."""
+
+    entry: dict[str, Any]
+    meta: Meta
+    v2: dict[str, Any] | None = None  # its /api/v2/batch form; None: it goes alone
+
+    @property
+    def operation(self) -> str:
+        return str(self.entry["operation"])
+
+    @property
+    def task_id(self) -> str:
+        return str(self.entry["task_id"])
+
+    def with_meta(self, meta: Meta) -> dict[str, Any]:
+        """The entry carrying ``meta``, as it is parked, dead-lettered or published alone."""
+        return {**self.entry, "kwargs": {**self.entry["kwargs"], META_KEY: meta.as_dict()}}
+
+
+# An item published alone, to get its own verdict (not batchable, or the batch was refused).
+ALONE = RetryOutcome(0.0, "batch_split", True, Meta(key=""))
+
+
+@dataclass
+class Plan:
+    """The outcome of a batch: one per item, and the batch's own retry for the undecided ones."""
+
+    items: list[Item]
+    outcomes: list[Outcome | None]
+    unreadable: list[tuple[Any, str]] = field(default_factory=list)
+    retry: RetryOutcome | None = None
+
+    def undecided(self) -> list[int]:
+        return [i for i, o in enumerate(self.outcomes) if o is None]
+
+    def decide(self, indexes: list[int], outcome: Outcome) -> None:
+        for i in indexes:
+            self.outcomes[i] = outcome
+
+
+def read_items(entries: Any) -> Plan:
+    """Read a batch message once; never raises. Unreadable entries go to the quarantine."""
+    plan = Plan([], [])
+    for entry in entries if isinstance(entries, list) else []:
+        _entry, why = read_entry(json.dumps(entry, default=repr))
+        if _entry is None:
+            plan.unreadable.append((entry, why))
+            continue
+        meta = Meta.parse(entry["kwargs"].get(META_KEY), entry["task_id"])
+        item = Item(entry, meta)
+        plan.items.append(item)
+        plan.outcomes.append(None)
+        if entry["operation"] not in BATCHABLE:
+            plan.outcomes[-1] = ALONE
+            continue
+        try:
+            args, kw = normalize(item.operation, tuple(entry["args"]), {
+                k: v for k, v in entry["kwargs"].items() if k != META_KEY})
+        except ValidationError as exc:
+            plan.outcomes[-1] = DeadLetter(f"invalid:{exc.field}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - kept for a human, never dropped
+            plan.outcomes[-1] = DeadLetter(f"internal:{type(exc).__name__}")
+            continue
+        event_id = meta.event_id
+        idx = EVENT_ID_ARG.get(item.operation)
+        if idx is not None and len(args) > idx and args[idx]:
+            event_id = args[idx]
+        v2 = to_v2(item.operation, args, kw, event_id)
+        if len(_dumps(v2)) > ITEM_MAX_BYTES:
+            plan.outcomes[-1] = ALONE
+        else:
+            item.v2 = v2
+    return plan
+
+
+def _failed_positions(response: Any) -> set[int]:
+    """Positions in the request of the items a 207 answer refused."""
+    if response.status_code != 207:
+        return set()
+    return {int(err["batch_index"]) for err in response.json().get("errors", [])}
+
+
+def _reasons(response: Any) -> dict[int, str]:
+    try:
+        return {int(e["batch_index"]): str(e.get("reason") or "rejected")[:40]
+                for e in response.json().get("errors", [])}
+    except Exception:  # noqa: BLE001 - an unreadable body: the generic reason
+        return {}
+
+
+def decide(task: Any, plan: Plan, batch_meta: Meta, guard: BatchGuard) -> None:
+    """Decide each item's outcome, writing into ``plan``; makes at most one call."""
+    s = settings_for_app(task.app)
+    todo = plan.undecided()
+    if not todo:
+        return
+    claims = guard.take([(plan.items[i].operation, plan.items[i].meta.key, plan.items[i].task_id) for i in todo],
+                        batch_meta.slot)
+    claimed: list[tuple[int, int]] = []  # (position in the guard, item index)
+    for pos, (i, claim) in enumerate(zip(todo, claims, strict=True)):
+        if claim is None or claim.owned:
+            if claim is not None and claim.lost_attempts > s.max_retries:
+                plan.outcomes[i] = DeadLetter("worker_lost_repeatedly")
+            else:
+                claimed.append((pos, i))
+        elif claim.state == "done":
+            plan.outcomes[i] = Suppressed()
+        else:  # another worker is delivering it: look again later
+            plan.outcomes[i] = Park(claim.held_for)
+    if not claimed:
+        return
+    indexes = [i for _pos, i in claimed]
+    permit, slot = guard.permit, guard.slot
+    if permit is not None and not permit.allowed:
+        plan.decide(indexes, Park(permit.retry_after))
+        return
+    if slot is not None and not slot.granted:
+        plan.retry = policy.rate_limited(slot.wait, slot.reserved, batch_meta, s, random.random())
+        return
+    if slot is not None and slot.wait > 0 and (permit is None or permit.decision == "allow"):
+        time.sleep(slot.wait)
+        permit = guard.reacquire()
+        if permit is not None and not permit.allowed:
+            plan.decide(indexes, Park(permit.retry_after))
+            return
+    body = [v2 for i in indexes if (v2 := plan.items[i].v2) is not None]
+    response, failed, error = guard.call(lambda: clients_for(s).track.batch(body), _failed_positions,
+                                         [pos for pos, _i in claimed])
+    if error is None:
+        reasons = _reasons(response) if failed else {}
+        for n, (pos, i) in enumerate(claimed):
+            plan.outcomes[i] = DeadLetter(f"batch:{reasons.get(n, 'rejected')}", 207) if pos in failed \
+                else Delivered()
+        return
+    error.for_operation("batch")
+    outcome = policy.after_failure("batch", error, batch_meta, task.request.retries or 0, s) \
+        if isinstance(error, TransientError) else None
+    if isinstance(outcome, RetryOutcome):
+        plan.retry = outcome
+        return
+    # Refused as a whole, or out of retries: each operation alone gets its own verdict.
+    plan.decide(indexes, ALONE)
 
 
 @shared_task(bind=True, base=BatchTask, name=BATCH_TASK)  # type: ignore[untyped-decorator]
-def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0) -> dict[str, Any]:
+def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
+                  _cio: dict[str, Any] | None = None) -> Any:
     """Deliver parked operations in one ``/api/v2/batch`` request (see the module docstring)."""
-    app = self.app
-    settings = settings_for_app(app)
-    claims = Claims(settings)
-    breaker = breaker_for(settings) if settings.breaker_enabled else None
-    limiter = Limiter(settings)
-    items: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    alone: list[dict[str, Any]] = []
-    for entry in entries:
-        item = _item_of(entry)
-        if item is None:
-            alone.append(entry)
-        else:
-            items.append((entry, item))
-    if alone:
-        _release_singles(app, settings, alone)
-    if not items:
-        return {"delivered": 0}
-
-    calls: list[ScriptCall] = []
-    claim_meta: list[tuple[tuple[str, str], str]] = []
-    for entry, _item in items:
-        meta = (entry.get("kwargs") or {}).get(META_KEY) or {}
-        call, keys, token = claims.claim_call(entry["operation"], str(meta.get("key") or entry["task_id"]))
-        calls.append(call)
-        claim_meta.append((keys, token))
-    permit_token = ""
-    if breaker is not None:
-        acquire, permit_token = breaker.acquire_call()
-        calls.append(acquire)
-    limit_call = limiter.acquire_call("track", slot)
-    if limit_call is not None:
-        calls.append(limit_call)
-    try:
-        results = run_pipelined(settings, calls)
-    except (redis.RedisError, OSError) as exc:
-        raise self.retry(countdown=random.uniform(0.5, 2.0), exc=TransientError("batch", "store_unavailable")) \
-            from exc
-    claimed: list[tuple[dict[str, Any], dict[str, Any], Claim]] = []
-    held: list[dict[str, Any]] = []
-    for (entry, item), res, (keys, token) in zip(items, results, claim_meta, strict=False):
-        c = claims.claim_result(res, keys, token)
-        if c.state == "claimed":
-            claimed.append((entry, item, c))
-        elif c.state == "held":
-            held.append(entry)
-    permit = breaker.acquire_result(results[len(items)], permit_token) if breaker is not None else None
-    answer = Limiter.acquire_result(results[-1]) if limit_call is not None else None
-    fallback = Fallback(settings, app)
-
-    def release_all(outcome: str = "ignore") -> None:
-        release = [claims.release_call(c) for _e, _i, c in claimed]
-        if breaker is not None and permit is not None:
-            release.append(breaker.record_call(permit, outcome))  # type: ignore[arg-type]
-        if release:
-            run_pipelined(settings, release)
-
-    for entry in held:  # another worker is delivering it: look again later
-        fallback.park(entry["operation"], entry["task_id"], entry["args"], entry["kwargs"])
-    if not claimed:
-        release_all()
-        return {"delivered": 0, "suppressed": len(items) - len(held), "held": len(held)}
-    if permit is not None and not permit.allowed:
-        release_all()
-        for entry, _item, _c in claimed:
-            fallback.park(entry["operation"], entry["task_id"], entry["args"], entry["kwargs"])
-        return {"parked": len(claimed)}
-    if answer is not None and not answer.granted:
-        release_all()
-        countdown = answer.wait if answer.reserved else answer.wait + random.uniform(0, min(answer.wait, 1.0))
-        raise self.retry(args=[entries], kwargs={"slot": answer.reserved},
-                         countdown=min(countdown, settings.max_countdown), exc=TransientError("batch", "rate_limited"))
-    if answer is not None and answer.wait > 0:
-        time.sleep(answer.wait)
-
-    started = time.monotonic()
-    try:
-        response = clients_for(settings).track.batch([item for _e, item, _c in claimed])
-    except TransientError as exc:
-        release_all("ignore" if exc.status == 429 else "failure")
-        if exc.status == 429:
-            limiter.pause("track", exc.retry_after or 1.0)
-        retries = self.request.retries or 0
-        if retries >= settings.max_retries:
-            _release_singles(app, settings, [e for e, _i, _c in claimed])
-            return {"split": len(claimed)}
-        countdown = retry_delay(retries, base=settings.retry_backoff_base, cap=settings.retry_backoff_max,
-                                retry_after=exc.retry_after, retry_after_max=settings.retry_after_max,
-                                max_countdown=settings.max_countdown)
-        raise self.retry(countdown=countdown, exc=exc) from None
-    except PermanentError:
-        # The whole batch was refused: each operation alone gets its own verdict.
-        release_all("success")
-        _release_singles(app, settings, [e for e, _i, _c in claimed])
-        return {"split": len(claimed)}
-    duration = time.monotonic() - started
-    failed: dict[int, dict[str, Any]] = {}
-    if response.status_code == 207:
+    settings = settings_for_app(self.app)
+    batch_meta = Meta.parse(_cio, str(self.request.id or ""))
+    if slot and not batch_meta.slot:
+        batch_meta = batch_meta.changed(slot=int(slot) if isinstance(slot, int) else 0)
+    plan = read_items(entries)
+    with BatchGuard(settings) as guard:
         try:
-            for err in response.json().get("errors", []):
-                failed[int(err["batch_index"])] = err
-        except (ValueError, KeyError, TypeError, AttributeError):
-            failed = {}
-    done_calls: list[ScriptCall] = []
-    letters = DeadLetters(settings, app)
-    for index, (entry, _item, c) in enumerate(claimed):
-        err = failed.get(index)
-        if err is None:
-            done_calls.append(claims.done_call(c, entry["task_id"]))
-            continue
-        done_calls.append(claims.release_call(c))
-        letters.add(operation=entry["operation"], task_id=entry["task_id"],
-                    reason=f"batch:{str(err.get('reason') or 'rejected')[:40]}", status=207, attempts=1,
-                    args=entry["args"], kwargs=entry["kwargs"])
-    if breaker is not None and permit is not None:
-        done_calls.append(breaker.record_call(permit, "success", duration))
-    answers = run_pipelined(settings, done_calls)
-    if breaker is not None and permit is not None:
-        breaker.record_result(answers[-1], breaker._effective("success", duration))
-    logger.info("cio_celery batch delivered %d operations (%d failed)", len(claimed) - len(failed), len(failed),
-                extra={"cio_event": "batch_delivered", "cio_count": len(claimed) - len(failed),
-                       "cio_failed": len(failed)})
-    return {"delivered": len(claimed) - len(failed), "failed": len(failed)}
+            decide(self, plan, batch_meta, guard)
+        except Exception as exc:  # noqa: BLE001 - the catch-all: anything becomes a decision
+            outcome = policy.after_exception(exc, batch_meta, settings)
+            if isinstance(outcome, RetryOutcome):
+                plan.retry = outcome
+            else:
+                plan.decide(plan.undecided(), outcome)
+            logger.warning("cio_celery batch %s: %s", type(outcome).__name__.lower(), type(exc).__name__,
+                           extra={"cio_event": "batch_error", "cio_error": type(exc).__name__})
+        guard.settle()
+        ending = act(self, settings, plan)
+    return ending.finish()
+
+
+def act(task: Any, settings: Settings, plan: Plan) -> Ending:
+    """Perform each item's action, then the batch's retry; any failure requeues the whole batch
+    (already settled items come back as suppressed duplicates or are decided again)."""
+    counts: dict[str, int] = {}
+    try:
+        if plan.unreadable:
+            quarantine = Quarantine(settings)
+            for entry, why in plan.unreadable:
+                quarantine.add("batch", json.dumps(entry, default=repr).encode(), why)
+        dead = [(plan.items[i], o) for i, o in enumerate(plan.outcomes) if isinstance(o, DeadLetter)]
+        letters = DeadLetters(settings, task.app)
+        for item, o in dead:
+            fresh = Meta(key=item.meta.key, enqueued_at=item.meta.enqueued_at, event_id=item.meta.event_id)
+            e = item.with_meta(fresh)
+            letters.add(operation=item.operation, task_id=item.task_id, reason=o.reason, status=o.status,
+                        attempts=1, args=e["args"], kwargs=e["kwargs"])
+        fallback = Fallback(settings, task.app)
+        parked = [plan.items[i].with_meta(plan.items[i].meta.changed(slot=0))
+                  for i, o in enumerate(plan.outcomes) if isinstance(o, Park)]
+        fallback.park_many(parked)
+        alone = [plan.items[i] for i, o in enumerate(plan.outcomes) if o is ALONE]
+        for item in alone:
+            fallback.publish(item.with_meta(item.meta.changed(slot=0)))
+        counts = {
+            "delivered": sum(isinstance(o, Delivered) for o in plan.outcomes),
+            "suppressed": sum(isinstance(o, Suppressed) for o in plan.outcomes),
+            "parked": len(parked), "dead_lettered": len(dead), "alone": len(alone),
+            "quarantined": len(plan.unreadable),
+            "retrying": len(plan.undecided()) if plan.retry is not None else 0,
+        }
+        _log_batch(task, counts, plan.retry)
+        if plan.retry is not None:
+            retry_entries = [plan.items[i].entry for i in plan.undecided()]
+            exc = TransientError("batch", plan.retry.reason, status=plan.retry.status)
+            try:
+                task.retry(args=[retry_entries], kwargs={META_KEY: plan.retry.meta.as_dict()},
+                           countdown=plan.retry.countdown, exc=exc)
+            except Retry as published:
+                return Ending(result=counts, error=published)
+            raise RuntimeError("Task.retry returned without raising Retry")
+        if plan.undecided():
+            raise RuntimeError("batch items left without an outcome")
+        return Ending(result=counts)
+    except Exception as exc:  # noqa: BLE001 - an action failed: the broker keeps the whole batch
+        logger.error("cio_celery batch requeued (%s failed)", type(exc).__name__,
+                     extra={"cio_event": "batch_requeued", "cio_error": type(exc).__name__})
+        time.sleep(REQUEUE_PAUSE)
+        return Ending(error=Reject(f"batch action failed ({type(exc).__name__})", requeue=True), acted=False)
+
+
+def _log_batch(task: Any, counts: dict[str, int], retry: RetryOutcome | None) -> None:
+    text = " ".join(f"{k}={v}" for k, v in counts.items() if v)
+    if retry is not None:
+        text += f" retry={retry.reason} countdown={retry.countdown:.3f}"
+    logger.info("cio_celery batch %s", text or "empty",
+                extra={"cio_event": "batch", "cio_task_id": task.request.id, **{f"cio_{k}": v
+                                                                              for k, v in counts.items()}})
+    send_event(task, "task-cio-batch", **counts)
+
+

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .meta import internal_publish
+from .quarantine import Quarantine
 from .settings import Settings
 from .store import key, redis_for, run_script
 
@@ -110,11 +112,22 @@ class DeadLetters:
         return int(self._redis.zcard(self._index))
 
     def get(self, id: str) -> DeadLetter | None:
+        """The entry ``id``; None when there is none, or when it cannot be read (it then moves
+        to the quarantine)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hget(self._items, id)
         pipe.zscore(self._index, id)
         raw, score = pipe.execute()
-        return None if raw is None else _decode(raw, score)
+        return None if raw is None else self._read(id, raw, score)
+
+    def _read(self, id: str | bytes, raw: bytes, score: float | None) -> DeadLetter | None:
+        try:
+            return _decode(raw, score)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            name = id.decode(errors="replace") if isinstance(id, bytes) else id
+            Quarantine(self.settings).add("dead_letter", bytes(raw), f"unreadable ({type(exc).__name__})",
+                                          source_keys=(self._items, self._index), source_id=name)
+            return None
 
     def _iter_ids(
         self, older_than: float | None, newer_than: float | None
@@ -129,18 +142,26 @@ class DeadLetters:
         operation: str | None = None,
         older_than: float | None = None,
         newer_than: float | None = None,
+        reason: str | None = None,
     ) -> Iterator[DeadLetter]:
-        """Entries oldest first; ``older_than``/``newer_than`` are ages in seconds."""
+        """Entries oldest first; ``older_than``/``newer_than`` are ages in seconds, ``reason`` a
+        prefix of the reason (``not_configured``, ``retries_exhausted``). An entry that cannot
+        be read moves to the quarantine and is skipped."""
         ids = self._iter_ids(older_than, newer_than)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             raws = self._redis.hmget(self._items, [i for i, _ in chunk])
-            for raw, (_, score) in zip(raws, chunk, strict=True):
+            for raw, (id, score) in zip(raws, chunk, strict=True):
                 if raw is None:
                     continue
-                entry = _decode(raw, score)
-                if operation is None or entry.operation == operation:
-                    yield entry
+                entry = self._read(id, raw, score)
+                if entry is None:
+                    continue
+                if operation is not None and entry.operation != operation:
+                    continue
+                if reason is not None and not entry.reason.startswith(reason):
+                    continue
+                yield entry
 
     def list(
         self,
@@ -148,9 +169,10 @@ class DeadLetters:
         older_than: float | None = None,
         newer_than: float | None = None,
         limit: int | None = 100,
+        reason: str | None = None,
     ) -> list[DeadLetter]:
         out: list[DeadLetter] = []
-        for entry in self.iter(operation, older_than, newer_than):
+        for entry in self.iter(operation, older_than, newer_than, reason):
             out.append(entry)
             if limit is not None and len(out) >= limit:
                 break
@@ -168,8 +190,9 @@ class DeadLetters:
         operation: str | None = None,
         older_than: float | None = None,
         newer_than: float | None = None,
+        reason: str | None = None,
     ) -> int:
-        ids = [e.id for e in self.iter(operation, older_than, newer_than)]
+        ids = [e.id for e in self.iter(operation, older_than, newer_than, reason)]
         for id in ids:
             self.delete(id)
         return len(ids)
@@ -180,18 +203,23 @@ class DeadLetters:
         operation: str | None = None,
         older_than: float | None = None,
         newer_than: float | None = None,
+        reason: str | None = None,
     ) -> int:
-        """Re-enqueue entries (same idempotency key and event id); each is removed once published."""
+        """Re-enqueue entries (same idempotency key and event id); each is removed once published.
+
+        An entry that no longer validates raises ValidationError and stays where it is.
+        """
         if self.app is None:
             raise RuntimeError("DeadLetters needs the Celery app to replay")
         if ids is not None:
             entries = [e for e in (self.get(i) for i in ids) if e is not None]
         else:
-            entries = list(self.iter(operation, older_than, newer_than))
+            entries = list(self.iter(operation, older_than, newer_than, reason))
         done = 0
         for entry in entries:
             task = self.app.tasks[f"cio_celery.{entry.operation}"]
-            task.apply_async(entry.args, entry.kwargs)
+            with internal_publish():
+                task.apply_async(entry.args, entry.kwargs)
             self.delete(entry.id)
             done += 1
         return done

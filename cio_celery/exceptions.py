@@ -16,6 +16,7 @@ __all__ = [
     "DeliveryError",
     "EnqueueError",
     "PermanentError",
+    "StoreStateError",
     "StoreUnavailableError",
     "TransientError",
     "ValidationError",
@@ -33,6 +34,9 @@ class ConfigurationError(CioError):
         self.setting = setting
         self.problem = problem
         super().__init__(f"cio_celery setting {setting}: {problem}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.setting, self.problem))
 
 
 class ValidationError(CioError, ValueError):
@@ -113,9 +117,16 @@ class EnqueueError(CioError):
         self.spooled = spooled
         super().__init__(f"cio_celery {operation}: could not enqueue ({reason})")
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.operation, self.reason, self.spooled))
+
 
 class StoreUnavailableError(CioError):
     """The Redis store (breaker, idempotency, fallback, dead letters) could not be reached."""
+
+
+class StoreStateError(CioError):
+    """The store answered something that cannot be read (corrupt or foreign state)."""
 
 
 class CircuitOpenError(CioError, pybreaker.CircuitBreakerError):

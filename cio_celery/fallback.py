@@ -14,10 +14,14 @@ import threading
 from typing import Any
 
 from .breaker import Breaker
+from .exceptions import ValidationError
+from .meta import internal_publish
+from .quarantine import Quarantine
 from .settings import Settings
 from .store import key, redis_for, run_script
+from .validation import OPERATIONS
 
-__all__ = ["Fallback", "Releaser"]
+__all__ = ["Fallback", "Releaser", "read_entry"]
 
 logger = logging.getLogger("cio_celery.fallback")
 
@@ -32,6 +36,23 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def read_entry(raw: Any) -> tuple[dict[str, Any] | None, str]:
+    """A parked entry from its stored form, or (None, why it cannot be read)."""
+    try:
+        entry = json.loads(raw)
+    except (ValueError, TypeError):
+        return None, "not JSON"
+    if not isinstance(entry, dict):
+        return None, "not an object"
+    if entry.get("operation") not in OPERATIONS:
+        return None, "unknown operation"
+    if not isinstance(entry.get("task_id"), str) or not entry["task_id"]:
+        return None, "no task id"
+    if not isinstance(entry.get("args"), list) or not isinstance(entry.get("kwargs"), dict):
+        return None, "args or kwargs malformed"
+    return entry, ""
 
 
 class Fallback:
@@ -49,11 +70,13 @@ class Fallback:
 
     def park(self, operation: str, task_id: str, args: list[Any], kwargs: dict[str, Any]) -> int:
         """Append one operation (with its metadata in kwargs); returns the new depth."""
-        entry = json.dumps(
-            {"operation": operation, "task_id": task_id, "args": args, "kwargs": kwargs},
-            separators=(",", ":"),
-        )
-        return int(self._redis.rpush(self._list, entry))
+        return self.park_many([{"operation": operation, "task_id": task_id, "args": args, "kwargs": kwargs}])
+
+    def park_many(self, entries: list[dict[str, Any]]) -> int:
+        """Append entries in one command (all or none); returns the new depth."""
+        if not entries:
+            return self.depth()
+        return int(self._redis.rpush(self._list, *(json.dumps(e, separators=(",", ":")) for e in entries)))
 
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
@@ -62,41 +85,71 @@ class Fallback:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
         With ``batch``, Track-API operations go in ``cio_celery.deliver_batch`` tasks of up to
-        500 KB / ``batch_max_operations`` each (see batching.py); the others one by one.
-        Entries are removed only after they were published; a crash in between publishes
-        them twice, which the idempotency claim turns into one delivery.
+        500 KB / ``batch_max_operations`` each (see batching.py); the others one by one. An
+        entry that cannot be read goes to the quarantine, one that no longer validates to dead
+        letters, so that neither stops the ones behind it. Entries are removed (a prefix of the
+        list) only once handled; a crash in between publishes them twice, which the idempotency
+        claim turns into one delivery. Returns how many were removed.
         """
         if limit <= 0:
             return 0
         if self.app is None:
             raise RuntimeError("Fallback needs the Celery app to release")
         raws = self._redis.lrange(self._list, 0, limit - 1)
-        done = 0
+        handled = [False] * len(raws)
+        entries: list[tuple[int, dict[str, Any]]] = []
+        quarantine = Quarantine(self.settings)
         try:
-            entries = [json.loads(raw) for raw in raws]
+            for i, raw in enumerate(raws):
+                entry, why = read_entry(raw)
+                if entry is None:
+                    quarantine.add("fallback", bytes(raw), why)
+                    logger.error("cio_celery fallback entry quarantined: %s", why,
+                                 extra={"cio_event": "quarantined", "cio_source": "fallback", "cio_why": why})
+                    handled[i] = True
+                else:
+                    entries.append((i, entry))
             if batch:
                 from .batching import BATCH_TASK, pack
 
-                packed = pack(entries, max_items=self.settings.batch_max_operations)
+                packed = pack([e for _i, e in entries], max_items=self.settings.batch_max_operations)
+                index_of = {id(e): i for i, e in entries}
                 for group in packed.batches:
-                    self.app.send_task(BATCH_TASK, args=[group], queue=self.settings.fallback_queue,
-                                       argsrepr=f"<{len(group)} operations hidden>", kwargsrepr="{}")
-                for entry in packed.singles:
-                    self.publish(entry)
-                done = len(entries)
+                    with internal_publish():
+                        self.app.send_task(BATCH_TASK, args=[group], queue=self.settings.fallback_queue,
+                                           argsrepr=f"<{len(group)} operations hidden>", kwargsrepr="{}")
+                    for e in group:
+                        handled[index_of[id(e)]] = True
+                for e in packed.singles:
+                    self._publish_or_dead_letter(e)
+                    handled[index_of[id(e)]] = True
             else:
-                for entry in entries:
-                    self.publish(entry)
-                    done += 1
+                for i, e in entries:
+                    self._publish_or_dead_letter(e)
+                    handled[i] = True
         finally:
+            done = handled.index(False) if False in handled else len(handled)
             if done:
                 self._redis.ltrim(self._list, done, -1)
         return done
 
+    def _publish_or_dead_letter(self, entry: dict[str, Any]) -> None:
+        try:
+            self.publish(entry)
+        except ValidationError as exc:
+            # Parked by an older version whose checks it passed: kept for a human, not retried.
+            from .deadletters import DeadLetters
+
+            DeadLetters(self.settings, self.app).add(
+                operation=entry["operation"], task_id=entry["task_id"], reason=f"invalid:{exc.field}",
+                status=None, attempts=1, args=entry["args"], kwargs=entry["kwargs"])
+
     def publish(self, entry: dict[str, Any]) -> None:
         """Publish one parked entry to the fallback queue as its own task."""
         task = self.app.tasks[f"cio_celery.{entry['operation']}"]
-        task.apply_async(entry["args"], entry["kwargs"], task_id=entry["task_id"], queue=self.settings.fallback_queue)
+        with internal_publish():
+            task.apply_async(entry["args"], entry["kwargs"], task_id=entry["task_id"],
+                             queue=self.settings.fallback_queue)
 
     def acquire_lease(self, token: str, ttl: float) -> bool:
         return bool(run_script(self.settings, _RENEW, [self._lock], [token, int(ttl * 1000)]))

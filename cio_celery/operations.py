@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .client import Clients
+from .meta import META_KEY
 from .validation import OPERATIONS
 
 __all__ = ["APP_OPERATIONS", "EVENT_OPERATIONS", "META_KEY", "OPERATIONS", "TRACK_OPERATIONS", "api_of", "perform"]
@@ -13,9 +14,6 @@ __all__ = ["APP_OPERATIONS", "EVENT_OPERATIONS", "META_KEY", "OPERATIONS", "TRAC
 APP_OPERATIONS = tuple(op for op in OPERATIONS if op.startswith("send_"))
 TRACK_OPERATIONS = tuple(op for op in OPERATIONS if op not in APP_OPERATIONS)
 
-# Reserved keyword carrying the operation's metadata (idempotency key, event id) through
-# retries, reroutes and dead-letter replays. It never collides with SDK parameters.
-META_KEY = "_cio"
 
 # Operations that carry an event id (a ULID): Customer.io drops a repeated one.
 EVENT_OPERATIONS = frozenset({"track", "track_anonymous", "pageview", "backfill"})

@@ -1,0 +1,310 @@
+"""One operation's delivery attempt, the body of every operation task: decide, then act.
+
+:func:`decide` is a flat run of early exits, each returning one
+:mod:`outcome <cio_celery.outcomes>`; it takes the guards (claim, breaker permit, rate-limit
+slot) through a :class:`~cio_celery.guard.Guard`, which gives them back whatever happens.
+:func:`act` performs exactly one action for the outcome. :func:`deliver` puts one catch-all
+around both: an exception while deciding becomes an outcome (:func:`policy.after_exception`),
+and an action that fails becomes a requeue. So every path ends in an acknowledgement after a
+decision was carried out, or in the message going back to the broker; none ends in an
+exception that Celery would acknowledge and drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import Reject, Retry
+
+from . import policy
+from .client import clients_for
+from .deadletters import DeadLetters
+from .exceptions import PermanentError, TransientError, ValidationError
+from .fallback import Fallback
+from .guard import Guard
+from .meta import META_KEY, Meta, internal_publish
+from .operations import api_of, perform
+from .outcomes import DeadLetter, Delivered, Outcome, Park, Requeue, Suppressed
+from .outcomes import Retry as RetryOutcome
+from .settings import Settings
+from .store import key, redis_for
+from .validation import normalize
+
+__all__ = ["REQUEUE_PAUSE", "Attempt", "Ending", "act", "decide", "deliver", "missing_credential"]
+
+logger = logging.getLogger("cio_celery")
+
+# A message handed back to the broker comes back at once; a short pause keeps a store or broker
+# that fails every action from turning the worker into a busy loop.
+REQUEUE_PAUSE = 1.0
+
+
+def log(level: int, event: str, task: Any, outcome: str, **extra: Any) -> None:
+    """One structured log line; never ids, emails or attribute values."""
+    fields = {
+        "cio_event": event,
+        "cio_operation": getattr(task, "operation", "?"),
+        "cio_task_id": task.request.id,
+        "cio_attempt": (task.request.retries or 0) + 1,
+        "cio_outcome": outcome,
+        **{f"cio_{k}": v for k, v in extra.items()},
+    }
+    text = " ".join(f"{k[4:]}={v}" for k, v in fields.items() if v is not None)
+    logger.log(level, "cio_celery %s", text, extra=fields)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt works on: the message, read once."""
+
+    task: Any
+    settings: Settings
+    operation: str
+    task_id: str
+    retries: int
+    meta: Meta
+    args: tuple[Any, ...]  # normalised when valid, as received otherwise
+    kwargs: dict[str, Any]
+    invalid: str | None = None  # the field that failed validation on the worker
+    broken: str | None = None  # the type of an unexpected error while reading the message
+
+    @property
+    def spent(self) -> int:
+        return self.meta.spent(self.retries)
+
+    def message_kwargs(self, meta: Meta) -> dict[str, Any]:
+        """The keyword arguments of a message carrying this operation with ``meta``."""
+        return {**self.kwargs, META_KEY: meta.as_dict()}
+
+
+@dataclass
+class Ending:
+    """What the task does once the action is performed: return ``result`` or raise ``error``."""
+
+    result: Any = None
+    error: BaseException | None = None
+    acted: bool = True  # False: the action failed and the message goes back to the broker
+
+    def finish(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def start(task: Any, settings: Settings, args: Sequence[Any], kwargs: Mapping[str, Any], raw_meta: Any) -> Attempt:
+    """Read the message once; never raises (a message that cannot be read is an outcome)."""
+    op = task.operation
+    task_id = str(task.request.id or "")
+    meta = Meta.parse(raw_meta, task_id)
+    common = {"task": task, "settings": settings, "operation": op, "task_id": task_id,
+              "retries": int(task.request.retries or 0), "meta": meta}
+    try:
+        nargs, nkwargs = normalize(op, tuple(args), dict(kwargs))
+    except ValidationError as exc:
+        # A message from an older or foreign producer: retrying cannot fix it.
+        return Attempt(args=tuple(args), kwargs=dict(kwargs), invalid=exc.field, **common)
+    except Exception as exc:  # noqa: BLE001 - a message that breaks the reader is kept, not dropped
+        return Attempt(args=tuple(args), kwargs=dict(kwargs), broken=type(exc).__name__, **common)
+    return Attempt(args=tuple(nargs), kwargs=dict(nkwargs), **common)
+
+
+def missing_credential(operation: str, settings: Settings) -> str | None:
+    """The environment variable an operation's credentials lack, if any."""
+    if api_of(operation) == "app":
+        return None if settings.app_api_key else "CIO_APP_API_KEY"
+    if not settings.site_id:
+        return "CIO_SITE_ID"
+    return None if settings.track_api_key else "CIO_TRACK_API_KEY"
+
+
+def deliver(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any], raw_meta: Any) -> Any:
+    """Run one attempt of the operation: decide, then act, one catch-all around both."""
+    try:
+        settings = task.cio_settings
+    except Exception as exc:  # noqa: BLE001 - invalid settings: the worker's start-up check names them
+        log(logging.ERROR, "settings_invalid", task, "requeued", error=type(exc).__name__,
+            setting=getattr(exc, "setting", None))
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject("cio_celery settings are invalid", requeue=True) from None
+    attempt = start(task, settings, args, kwargs, raw_meta)
+    if attempt.meta.problems:
+        log(logging.WARNING, "metadata_repaired", task, "continue", fields=",".join(attempt.meta.problems))
+    with Guard(settings, attempt.operation, attempt.meta.key, attempt.task_id) as guard:
+        try:
+            outcome = decide(attempt, guard)
+        except Exception as exc:  # noqa: BLE001 - the catch-all: anything becomes a decision
+            outcome = policy.after_exception(exc, attempt.meta, settings)
+            _log_exception(task, exc, outcome)
+        in_doubt = isinstance(outcome, DeadLetter) and (outcome.in_doubt or guard.in_doubt)
+        guard.settle(hold=in_doubt)
+        ending = act(attempt, outcome)
+        guard.release_held(acted=ending.acted)
+    return ending.finish()
+
+
+def decide(attempt: Attempt, guard: Guard) -> Outcome:
+    """The outcome of one attempt; takes the guards and makes at most one call."""
+    s, op, meta = attempt.settings, attempt.operation, attempt.meta
+    if attempt.invalid is not None:
+        return DeadLetter(f"invalid:{attempt.invalid}")
+    if attempt.broken is not None:
+        return DeadLetter(f"internal:{attempt.broken}")
+    missing = missing_credential(op, s)
+    if missing is not None:
+        log(logging.ERROR, "not_configured", attempt.task, "dead_letter", missing=missing,
+            detail=f"{missing} is not set")
+        return DeadLetter("not_configured")
+    try:
+        guard.take(meta.slot)
+    except Exception as exc:
+        if not (policy.is_store_unavailable(exc) and s.breaker_on_store_error == "allow"):
+            raise
+        # breaker_on_store_error = allow: call Customer.io unguarded (no claim, no permit).
+        log(logging.WARNING, "store_unavailable", attempt.task, "unguarded", error=type(exc).__name__)
+        guard.unguard()
+    claim, permit, slot = guard.claim, guard.permit, guard.slot
+    if claim is not None and claim.state == "done":
+        return Suppressed()
+    if claim is not None and claim.state == "held":
+        return policy.claim_held(claim.held_for, meta, s, random.random())
+    if permit is not None and not permit.allowed:
+        return Park(permit.retry_after)
+    if claim is not None and claim.lost_attempts > s.max_retries:
+        # Killed mid-call again and again (out of memory, a hang past the hard time limit).
+        return DeadLetter("worker_lost_repeatedly")
+    if claim is not None and claim.recovered and policy.review_ambiguous(op, s):
+        # The previous attempt's worker died mid-call: the send may have gone out.
+        return DeadLetter("ambiguous:worker_lost", in_doubt=True)
+    if slot is not None and not slot.granted:
+        return policy.rate_limited(slot.wait, slot.reserved, meta, s, random.random())
+    if slot is not None and slot.wait > 0 and (permit is None or permit.decision == "allow"):
+        # A reserved slot a few milliseconds away. A half-open probe does not wait: the K
+        # probes must answer together, before the first failure reopens the breaker.
+        time.sleep(slot.wait)
+        permit = guard.reacquire()
+        if permit is not None and not permit.allowed:
+            return Park(permit.retry_after)
+    facts, error = guard.call(lambda: perform(clients_for(s), op, list(attempt.args), dict(attempt.kwargs),
+                                              meta.event_id))
+    if error is None:
+        return Delivered(facts or {})
+    error.for_operation(op)
+    return policy.after_failure(op, error, meta, attempt.retries, s)
+
+
+def act(attempt: Attempt, outcome: Outcome) -> Ending:
+    """Perform the one action of ``outcome``; an action that fails becomes a requeue."""
+    action = _ACTIONS[type(outcome)]
+    try:
+        return action(attempt, outcome)
+    except Exception as exc:  # noqa: BLE001 - the action failed: the broker keeps the message
+        what = type(outcome).__name__.lower()
+        log(logging.ERROR, f"{what}_failed", attempt.task, "requeue", error=type(exc).__name__)
+        return _requeue(attempt, Requeue(f"{what} failed ({type(exc).__name__})"))
+
+
+def _delivered(a: Attempt, o: Delivered) -> Ending:
+    log(logging.INFO, "delivered", a.task, "delivered")
+    return Ending(result={"delivered": True, "attempts": a.spent + 1, **o.facts})
+
+
+def _suppressed(a: Attempt, o: Suppressed) -> Ending:
+    log(logging.INFO, "duplicate_suppressed", a.task, "suppressed")
+    send_event(a.task, "task-cio-duplicate-suppressed")
+    return Ending(result={"duplicate": True})
+
+
+# The log event of a retry by its reason ("retry" for a failed call).
+_RETRY_EVENTS = {"claimed_elsewhere": "claim_held", "rate_limited": "rate_limited",
+                 "store_unavailable": "store_unavailable", "store_error": "store_error"}
+
+
+def _retry(a: Attempt, o: RetryOutcome) -> Ending:
+    _count_retry(a.settings, o.reason)
+    event = _RETRY_EVENTS.get(o.reason, "retry")
+    log(logging.WARNING if event in {"retry", "store_unavailable", "store_error"} else logging.INFO,
+        event, a.task, "retry", reason=o.reason, countdown=round(o.countdown, 3), free=o.free or None)
+    exc = TransientError(a.operation, o.reason, status=o.status)
+    try:
+        with internal_publish():
+            a.task.retry(args=list(a.args), kwargs=a.message_kwargs(o.meta), countdown=o.countdown, exc=exc)
+    except Retry as published:
+        return Ending(error=published)
+    # Task.retry returns only when told not to throw; it was not told so.
+    raise RuntimeError("Task.retry returned without raising Retry")
+
+
+def _park(a: Attempt, o: Park) -> Ending:
+    """Reroute to the fallback store: no call, no attempt spent, no ETA held in memory."""
+    meta = a.meta.changed(attempts_before=a.spent, free=0, slot=0)
+    depth = Fallback(a.settings, a.task.app).park(a.operation, a.task_id, list(a.args), a.message_kwargs(meta))
+    log(logging.INFO, "parked", a.task, "parked", depth=depth, breaker_retry_after=round(o.retry_after, 3))
+    send_event(a.task, "task-cio-rerouted", depth=depth)
+    return Ending(result={"parked": True})
+
+
+def _dead_letter(a: Attempt, o: DeadLetter) -> Ending:
+    # A replay starts with a fresh budget: only the key, the event id and the enqueue time go on.
+    meta = Meta(key=a.meta.key, enqueued_at=a.meta.enqueued_at, event_id=a.meta.event_id)
+    DeadLetters(a.settings, a.task.app).add(
+        operation=a.operation, task_id=a.task_id, reason=o.reason, status=o.status, attempts=a.spent + 1,
+        args=list(a.args), kwargs=a.message_kwargs(meta),
+    )
+    log(logging.ERROR, "dead_lettered", a.task, "dead_letter", reason=o.reason, status=o.status)
+    send_event(a.task, "task-cio-dead-lettered", reason=o.reason, status=o.status)
+    # The task ends failed (Flower shows it), and the message is dropped: it is in dead letters.
+    return Ending(error=PermanentError(a.operation, o.reason, status=o.status))
+
+
+def _requeue(a: Attempt, o: Requeue) -> Ending:
+    log(logging.ERROR, "requeued", a.task, "requeue", why=o.why)
+    send_event(a.task, "task-cio-requeued")
+    time.sleep(REQUEUE_PAUSE)
+    return Ending(error=Reject(o.why, requeue=True), acted=False)
+
+
+_ACTIONS: dict[type, Callable[[Attempt, Any], Ending]] = {
+    Delivered: _delivered,
+    Suppressed: _suppressed,
+    RetryOutcome: _retry,
+    Park: _park,
+    DeadLetter: _dead_letter,
+    Requeue: _requeue,
+}
+
+
+def send_event(task: Any, type_: str, **fields: Any) -> None:
+    """A custom Celery event (Flower counts them by type); monitoring never breaks a delivery."""
+    if not task.app.conf.worker_send_task_events:
+        return
+    try:
+        task.send_event(type_, **fields)
+    except Exception:  # noqa: BLE001, S110 - monitoring must never break a delivery
+        pass
+
+
+def _count_retry(settings: Settings, reason: str) -> None:
+    """Count the retry by reason in ``{prefix}:stats`` (Prometheus reads it); best effort."""
+    try:
+        redis_for(settings).hincrby(key(settings, "stats"), f"retry:{reason}", 1)
+    except Exception:  # noqa: BLE001, S110 - a metric must never stop a retry
+        pass
+
+
+def _log_exception(task: Any, exc: BaseException, outcome: Outcome) -> None:
+    if policy.is_store_unavailable(exc) or policy.is_store_state_error(exc):
+        log(logging.WARNING, "store_error", task, type(outcome).__name__.lower(), error=type(exc).__name__,
+            setting=getattr(exc, "setting", None))
+        return
+    # A bug or an unexpected library error: its text may hold payload, so only its type and
+    # place go on.
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else None
+    log(logging.ERROR, "internal_error", task, type(outcome).__name__.lower(), error=type(exc).__name__,
+        where=where)

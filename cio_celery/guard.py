@@ -1,0 +1,326 @@
+"""The guards of a delivery: idempotency claims, a breaker permit and a rate-limit slot.
+
+A :class:`Guard` (one operation) or :class:`BatchGuard` (the items of a v2 batch) takes them
+together in one round trip to the store and gives them back together in one, whatever happens
+in between: used as a context manager, it settles on exit if nothing settled it before.
+
+Settling tells the breaker what the call did (nothing, when no call was made), marks a
+delivered operation's claim done or releases it, and pauses the rate limiter after a 429. A
+delivered operation is settled the moment Customer.io answers, before anything else runs. A
+claim whose call may have been applied and that goes to dead letters is *held* until the dead
+letter is written (:meth:`Guard.release_held`): if it cannot be written, the claim ends with its
+lease and its attempt marker stays, so the next attempt knows that an earlier one never finished.
+
+Settling never raises: the outcome already decided stands, and a store that cannot take the
+update loses one breaker sample, or a done mark (logged: a redelivery could then go through).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .breaker import Breaker, Permit, breaker_for
+from .exceptions import DeliveryError, StoreStateError
+from .idempotency import Claim, Claims
+from .limiter import Limiter, Slot, bucket_of
+from .policy import CallOutcome, breaker_outcome
+from .settings import Settings
+from .store import ScriptCall, run_pipelined, run_scripts
+
+__all__ = ["BatchGuard", "Guard"]
+
+logger = logging.getLogger("cio_celery")
+
+T = TypeVar("T")
+
+# Errors of reading a script's answer: the store holds something this version cannot read.
+_READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeDecodeError)
+
+
+class _Base:
+    def __init__(self, settings: Settings, bucket: str) -> None:
+        self.settings = settings
+        self.claims = Claims(settings) if settings.idempotency_enabled else None
+        self.breaker: Breaker | None = breaker_for(settings) if settings.breaker_enabled else None
+        self.limiter = Limiter(settings)
+        self.bucket = bucket
+        self.permit: Permit | None = None
+        self.slot: Slot | None = None
+        self.unguarded = False  # breaker_on_store_error=allow and the store is down
+        self._call: CallOutcome = "ignore"
+        self._duration: float | None = None
+        self._pause: float | None = None
+        self._in_doubt = False
+        self._settled = False
+
+    @property
+    def in_doubt(self) -> bool:
+        """A call started and its result is unknown: it may have been applied."""
+        return self._in_doubt
+
+    def _acquire_calls(self, held_slot: int) -> tuple[list[ScriptCall], str]:
+        calls: list[ScriptCall] = []
+        token = ""
+        if self.breaker is not None:
+            acquire, token = self.breaker.acquire_call()
+            calls.append(acquire)
+        limit = self.limiter.acquire_call(self.bucket, held_slot)
+        if limit is not None:
+            calls.append(limit)
+        return calls, token
+
+    def _read_acquire(self, results: Sequence[Any], token: str) -> None:
+        i = 0
+        if self.breaker is not None:
+            self.permit = self.breaker.acquire_result(results[i], token)
+            i += 1
+        if i < len(results):
+            self.slot = Limiter.acquire_result(results[i])
+
+    def reacquire(self) -> Permit | None:
+        """Ask the breaker again, after sleeping for a slot: it may have tripped meanwhile."""
+        if self.breaker is not None and self.permit is not None:
+            self.permit = self.breaker.acquire()
+        return self.permit
+
+    def _tail_calls(self) -> tuple[list[ScriptCall], bool, CallOutcome]:
+        """The breaker record and the limiter pause, to follow the claim updates; whether the
+        first of them is a breaker record, and the outcome it records."""
+        calls: list[ScriptCall] = []
+        record = False
+        outcome: CallOutcome = self._call
+        if self.breaker is not None and self.permit is not None and self.permit.decision != "reject":
+            outcome = self.breaker._effective(self._call, self._duration)
+            # A closed breaker ignores an "ignore": nothing to send.
+            if not (self.permit.decision == "allow" and outcome == "ignore"):
+                calls.append(self.breaker.record_call(self.permit, outcome))
+                record = True
+        if self._pause is not None and self.limiter.rate_of(self.bucket) > 0:
+            calls.append(self.limiter.pause_call(self.bucket, self._pause))
+        return calls, record, outcome
+
+    def _send(self, calls: list[ScriptCall], n_claim_calls: int, record: bool, outcome: CallOutcome,
+              delivered: bool, pipelined: bool) -> None:
+        if not calls:
+            return
+        try:
+            results = run_pipelined(self.settings, calls) if pipelined else run_scripts(self.settings, calls)
+        except Exception as exc:  # noqa: BLE001 - the decided outcome stands (see the module docstring)
+            _warn("store_update_failed", exc, delivered=delivered)
+            return
+        if record and self.breaker is not None:
+            try:
+                self.breaker.record_result(results[n_claim_calls], outcome)
+            except Exception as exc:  # noqa: BLE001 - a breaker sample lost, no more
+                _warn("breaker_record_unreadable", exc)
+
+
+def _warn(event: str, exc: BaseException, **extra: Any) -> None:
+    fields = {"cio_event": event, "cio_error": type(exc).__name__, **{f"cio_{k}": v for k, v in extra.items()}}
+    text = " ".join(f"{k[4:]}={v}" for k, v in fields.items())
+    logger.warning("cio_celery %s", text, extra=fields)
+
+
+class Guard(_Base):
+    """The guards of one operation's delivery attempt."""
+
+    def __init__(self, settings: Settings, operation: str, idempotency_key: str, task_id: str) -> None:
+        super().__init__(settings, bucket_of(operation))
+        self.operation = operation
+        self.key = idempotency_key
+        self.task_id = task_id
+        self.claim: Claim | None = None
+        self._claim_keys: tuple[str, str] | None = None
+        self._token: str | None = None  # a claim of ours (or maybe ours) to settle
+        self._delivered = False
+        self._held = False
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.settle(hold=self._in_doubt and exc[0] is not None)
+
+    def take(self, held_slot: int = 0) -> None:
+        """Claim the key, ask the breaker and the limiter: one round trip. Raises store errors.
+
+        If it raises, whatever the script did take is given back on settle (the claim by a
+        compare-and-delete on our token, harmless when the claim is not ours).
+        """
+        calls: list[ScriptCall] = []
+        if self.claims is not None:
+            call, self._claim_keys, self._token = self.claims.claim_call(self.operation, self.key)
+            calls.append(call)
+        more, permit_token = self._acquire_calls(held_slot)
+        calls += more
+        if not calls:
+            return
+        results = run_scripts(self.settings, calls)
+        try:
+            if self.claims is not None and self._claim_keys is not None and self._token is not None:
+                self.claim = Claims.claim_result(results[0], self._claim_keys, self._token)
+                if not self.claim.owned:
+                    self._token = None
+                results = results[1:]
+            self._read_acquire(results, permit_token)
+        except _READ_ERRORS as exc:
+            raise StoreStateError(f"unreadable guard answer ({type(exc).__name__})") from None
+
+    def unguard(self) -> None:
+        """Call without claim or permit (``breaker_on_store_error = allow``, the store is down)."""
+        self.unguarded = True
+        self._token = None
+
+    def call(self, fn: Callable[[], T]) -> tuple[T | None, DeliveryError | None]:
+        """Make the call; a success is settled at once (done mark and breaker record)."""
+        self._in_doubt = True
+        started = time.monotonic()
+        try:
+            result = fn()
+        except DeliveryError as err:
+            self._in_doubt = err.maybe_applied
+            self._call = breaker_outcome(err)
+            if err.status == 429:
+                self._pause = err.retry_after or 1.0
+            return None, err
+        self._in_doubt = False
+        self._duration = time.monotonic() - started
+        self._call = "success"
+        self._delivered = True
+        self.settle()
+        return result, None
+
+    def settle(self, *, hold: bool = False) -> None:
+        """Give everything back in one round trip (once); ``hold`` keeps an owned claim until
+        :meth:`release_held`."""
+        if self._settled:
+            return
+        self._settled = True
+        calls: list[ScriptCall] = []
+        if self.claims is not None and self._token is not None and self._claim_keys is not None:
+            claim = self.claim or Claim("claimed", self._claim_keys, self._token)
+            if self._delivered:
+                calls.append(self.claims.done_call(claim, self.task_id))
+            elif hold:
+                self._held = True
+            else:
+                calls.append(self.claims.release_call(claim))
+        n_claim = len(calls)
+        tail, record, outcome = self._tail_calls()
+        self._send(calls + tail, n_claim, record, outcome, self._delivered, pipelined=False)
+
+    def release_held(self, acted: bool) -> None:
+        """Release a claim held for an in-doubt dead letter, once the dead letter is written."""
+        if not self._held:
+            return
+        self._held = False
+        if not acted or self.claims is None or self._token is None or self._claim_keys is None:
+            return
+        claim = self.claim or Claim("claimed", self._claim_keys, self._token)
+        self._send([self.claims.release_call(claim)], 1, False, "ignore", False, pipelined=False)
+
+
+class BatchGuard(_Base):
+    """The guards of a v2 batch: a claim per item, one permit, one rate-limit slot."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "track")
+        self.claims_of: list[Claim | None] = []
+        self._keys: list[tuple[str, str]] = []
+        self._tokens: list[str | None] = []
+        self._task_ids: list[str] = []
+        self._done: set[int] = set()  # item indexes delivered
+        self._held: set[int] = set()
+
+    def __enter__(self) -> BatchGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.settle()
+
+    def take(self, items: Sequence[tuple[str, str, str]], held_slot: int = 0) -> list[Claim | None]:
+        """Claim each ``(operation, key, task id)``, ask the breaker and the limiter: one round
+        trip (pipelined). Returns the claims (None when idempotency is off)."""
+        calls: list[ScriptCall] = []
+        for operation, key, task_id in items:
+            self._task_ids.append(task_id)
+            if self.claims is not None:
+                call, keys, token = self.claims.claim_call(operation, key)
+                calls.append(call)
+                self._keys.append(keys)
+                self._tokens.append(token)
+        n = len(calls)
+        more, permit_token = self._acquire_calls(held_slot)
+        calls += more
+        results = run_pipelined(self.settings, calls) if calls else []
+        try:
+            for i in range(n):
+                claim = Claims.claim_result(results[i], self._keys[i], self._tokens[i] or "")
+                self.claims_of.append(claim)
+                if not claim.owned:
+                    self._tokens[i] = None
+            if self.claims is None:
+                self.claims_of = [None] * len(items)
+            self._read_acquire(results[n:], permit_token)
+        except _READ_ERRORS as exc:
+            raise StoreStateError(f"unreadable guard answer ({type(exc).__name__})") from None
+        return self.claims_of
+
+    def call(self, fn: Callable[[], T], failed_of: Callable[[T], set[int]],
+             sent: Sequence[int]) -> tuple[T | None, set[int], DeliveryError | None]:
+        """Send the items ``sent`` (indexes); on an answer, mark the accepted ones done at once.
+
+        ``failed_of`` reads the indexes (positions in ``sent``) that Customer.io refused (207).
+        """
+        self._in_doubt = True
+        started = time.monotonic()
+        try:
+            response = fn()
+        except DeliveryError as err:
+            self._in_doubt = err.maybe_applied
+            self._call = breaker_outcome(err)
+            if err.status == 429:
+                self._pause = err.retry_after or 1.0
+            return None, set(), err
+        self._in_doubt = False
+        self._duration = time.monotonic() - started
+        self._call = "success"
+        try:
+            failed = failed_of(response)
+        except Exception:  # noqa: BLE001 - an unreadable 207 body: none of them is known to have failed
+            failed = set()
+        self._done = {index for pos, index in enumerate(sent) if pos not in failed}
+        self.settle()
+        return response, {sent[pos] for pos in failed if 0 <= pos < len(sent)}, None
+
+    def settle(self, *, hold: Sequence[int] = ()) -> None:
+        """Give everything back in one pipelined round trip (once)."""
+        if self._settled:
+            return
+        self._settled = True
+        calls: list[ScriptCall] = []
+        if self.claims is not None:
+            for i, token in enumerate(self._tokens):
+                if token is None:
+                    continue
+                claim = Claim("claimed", self._keys[i], token)
+                if i in self._done:
+                    calls.append(self.claims.done_call(claim, self._task_ids[i]))
+                elif i in hold:
+                    self._held.add(i)
+                else:
+                    calls.append(self.claims.release_call(claim))
+        n_claim = len(calls)
+        tail, record, outcome = self._tail_calls()
+        self._send(calls + tail, n_claim, record, outcome, bool(self._done), pipelined=True)
+
+    def release_held(self, acted: bool) -> None:
+        held, self._held = self._held, set()
+        if not acted or self.claims is None:
+            return
+        calls = [self.claims.release_call(Claim("claimed", self._keys[i], t))
+                 for i in sorted(held) if (t := self._tokens[i]) is not None]
+        self._send(calls, len(calls), False, "ignore", False, pipelined=True)
