@@ -10,6 +10,12 @@ faults on demand::
         ...  # exercise code that talks to fake.url
         fake.wait_for_applied(1)
 
+Routing is as strict as Customer.io's documented routes: an undocumented path or method,
+a trailing slash (``/api/v1/customers/``), an empty segment or a different case is a 404.
+Like a real web server, the fake first normalises the path (percent-encoded dots decoded,
+``.`` and ``..`` segments removed, RFC 3986 section 5.2.4), so a request that climbs out of
+its route lands where a server would put it; :attr:`RecordedRequest.route_path` shows it.
+
 The server never logs request contents: tests and demos run it next to customer data.
 """
 
@@ -46,6 +52,7 @@ __all__ = [
     "BatchItemPredicate",
     "FakeCustomerIO",
     "RecordedRequest",
+    "normalize_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,8 @@ class RecordedRequest:
     status: int | None
     fault: str | None
     received_at: float
+    route_path: str = ""
+    """The path the fake routed on: ``path`` with dot segments resolved as a server would."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,7 @@ _ROUTES: Final[tuple[tuple[str, re.Pattern[str], str, Literal["track", "app"]], 
     ("POST", re.compile(rf"/api/v1/customers/{_SEG}/unsuppress"), "unsuppress", "track"),
     ("POST", re.compile(r"/api/v1/merge_customers"), "merge_customers", "track"),
     ("POST", re.compile(r"/api/v2/batch"), "batch", "track"),
+    ("POST", re.compile(r"/api/v2/entity"), "entity", "track"),
     ("POST", re.compile(rf"/v1/send/({_SEND_CHANNELS})"), "send", "app"),
 )
 
@@ -167,6 +177,33 @@ def _match_route(method: str, path: str) -> _Route | None:
         device_id = unquote(groups[1]) if len(groups) > 1 else None
         return _Route(api, operation, customer_id, device_id, method in ("POST", "PUT"))
     return None
+
+
+_ENCODED_DOT: Final = re.compile(r"%2[eE]")
+
+
+def normalize_path(path: str) -> str:
+    """``path`` as a web server routes it: ``%2E`` decoded to ``.``, then dot segments removed.
+
+    RFC 3986 section 6.2.2.2 makes a percent-encoded unreserved character equivalent to the
+    character, and section 5.2.4 removes ``.`` and ``..`` segments. A trailing dot segment
+    leaves a trailing slash, as the RFC says.
+    """
+    segments = _ENCODED_DOT.sub(".", path).split("/")[1:]
+    out: list[str] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+        elif segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
 
 
 def _dumps(value: Any) -> bytes:
@@ -584,6 +621,7 @@ class FakeCustomerIO:
         else:
             path, _, query = target.partition("?")
         data, json_ok = _parse_json(body)
+        route_path = normalize_path(path)
 
         def record(**kwargs: Any) -> RecordedRequest:
             return RecordedRequest(
@@ -594,6 +632,7 @@ class FakeCustomerIO:
                 body=body,
                 json=data,
                 received_at=received_at,
+                route_path=route_path,
                 **kwargs,
             )
 
@@ -605,7 +644,7 @@ class FakeCustomerIO:
             self._commit(rec, [], counted=False)
             return _Outcome(status, _dumps(response))
 
-        route = _match_route(method, path)
+        route = _match_route(method, route_path)
         if route is None:
             authorized = self._authorized("track", headers) or self._authorized("app", headers)
             with self._lock:
@@ -681,6 +720,8 @@ class FakeCustomerIO:
         body_dict: dict[str, Any] = data if isinstance(data, dict) else {}
         if operation == "batch":
             return _handle_batch(body_dict, predicate)
+        if operation == "entity":
+            return _handle_entity(body_dict)
         if operation.startswith("send_"):
             delivery_id = f"fake-{uuid.uuid4().hex}"
             op = _PendingOp(
@@ -754,6 +795,7 @@ class FakeCustomerIO:
                     {
                         "method": r.method,
                         "path": r.path,
+                        "route_path": r.route_path,
                         "api": r.api,
                         "operation": r.operation,
                         "customer_id": r.customer_id,
@@ -876,6 +918,18 @@ def _handle_batch(
     return 200, {}, pending
 
 
+def _handle_entity(data: dict[str, Any]) -> tuple[int, Any, list[_PendingOp]]:
+    """``POST /api/v2/entity``: one operation shaped like a v2 batch item."""
+    for field in ("type", "action"):
+        if field not in data:
+            return 400, {"errors": [{"reason": "required", "field": field, "message": f"{field} is required"}]}, []
+    if len(_dumps(data)) > BATCH_ITEM_MAX_BYTES:
+        return 400, {"errors": [{"reason": "size_limit", "field": "", "message": "operation too large"}]}, []
+    action = str(data["action"])
+    event_id = _event_id(data.get("id")) if action in _DEDUP_BATCH_ACTIONS else None
+    return 200, {}, [_PendingOp(f"entity:{action}", _first_identifier(data.get("identifiers")), data, event_id)]
+
+
 class _BadRequestError(Exception):
     """The request framing is broken; answer 400 and close the connection."""
 
@@ -983,6 +1037,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch()
 
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         try:
             body = self._read_body()
@@ -1059,7 +1119,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":
+            self.wfile.write(payload)
 
     def _reset(self) -> None:
         """Abort the connection with an RST and no response at all."""

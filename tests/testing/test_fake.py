@@ -210,7 +210,7 @@ def test_applied_operations_carry_device_and_derived_customer_ids(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(customer_id=st.text(min_size=1, max_size=40))
+@given(customer_id=st.text(min_size=1, max_size=40).filter(lambda t: t.strip(".") != ""))
 def test_any_customer_id_round_trips_through_the_path(
     fake: FakeCustomerIO, track: requests.Session, customer_id: str
 ) -> None:
@@ -267,6 +267,108 @@ def test_unknown_route_and_wrong_method_answer_404(fake: FakeCustomerIO, track: 
     assert [r.api for r in fake.requests] == ["unknown", "unknown"]
     assert [r.authorized for r in fake.requests] == [True, True]
     assert fake.applied == []
+
+
+UNDOCUMENTED: list[tuple[str, str]] = [
+    ("PUT", "/api/v1/customers/"),  # identify(".") once normalised
+    ("DELETE", "/api/v1/customers/u1/"),  # delete_device("u1", "..") once normalised
+    ("PUT", "/api/v1/customers"),
+    ("POST", "/api/v1/customers/u1/events/"),
+    ("POST", "/api/v1/events/"),
+    ("DELETE", "/api/v1/customers/u1/devices/"),
+    ("PUT", "/api/v1/customers/u1/devices/"),
+    ("POST", "/api/v1/customers/u1/events/extra"),
+    ("PUT", "/api/v1//customers/u1"),
+    ("PUT", "/API/v1/customers/u1"),
+    ("PUT", "/api/V1/customers/u1"),
+    ("POST", "/api/v1/merge_customers/"),
+    ("POST", "/api/v2/batch/"),
+    ("POST", "/api/v2/entity/"),
+    ("POST", "/api/v3/batch"),
+    ("POST", "/v1/send/fax"),
+    ("POST", "/v1/send/email/"),
+    ("POST", "/v1/send"),
+    ("GET", "/api/v1/customers/u1"),
+    ("PATCH", "/api/v1/customers/u1"),
+    ("POST", "/api/v1/customers/u1"),
+    ("PUT", "/api/v1/customers/u1/events"),
+    ("GET", "/api/v2/batch"),
+    ("PUT", "/v1/send/email"),
+    ("HEAD", "/api/v1/customers/u1"),
+    ("OPTIONS", "/api/v1/customers/u1"),
+    ("POST", "/"),
+]
+
+
+def raw_request(fake: FakeCustomerIO, method: str, target: str, body: Any = None) -> tuple[int, bytes]:
+    """Send ``target`` byte for byte (requests would remove dot segments first)."""
+    conn = http.client.HTTPConnection(fake.host, fake.port, timeout=5)
+    try:
+        payload = b"" if body is None else json.dumps(body).encode()
+        token = base64.b64encode(f"{fake.site_id}:{fake.track_api_key}".encode()).decode()
+        conn.request(method, target, body=payload or None, headers={
+            "Authorization": f"Basic {token}", "Content-Type": "application/json",
+        })
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("method", "path"), UNDOCUMENTED, ids=[f"{m} {p}" for m, p in UNDOCUMENTED])
+def test_every_undocumented_path_or_method_is_a_404(fake: FakeCustomerIO, method: str, path: str) -> None:
+    status, body = raw_request(fake, method, path, None if method in ("GET", "HEAD", "OPTIONS") else {})
+    assert status == 404
+    if method != "HEAD":
+        assert json.loads(body) == {"meta": {"error": "not found"}}
+    [req] = fake.requests
+    assert (req.api, req.operation, req.status) == ("unknown", None, 404)
+    assert fake.applied == []
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "route_path", "operation"),
+    [
+        ("/api/v1/customers/%2E%2E/events", "POST", "/api/v1/events", "track_anonymous"),
+        ("/api/v1/customers/%2e%2e/events", "POST", "/api/v1/events", "track_anonymous"),
+        ("/api/v1/customers/../events", "POST", "/api/v1/events", "track_anonymous"),
+        ("/api/v1/customers/./u1", "PUT", "/api/v1/customers/u1", "identify"),
+        ("/api/v1/customers/u1/devices/..", "DELETE", "/api/v1/customers/u1/", None),
+        ("/api/v1/customers/.", "PUT", "/api/v1/customers/", None),
+        ("/api/v1/customers/../../../v1/send/email", "POST", "/v1/send/email", "send_email"),
+    ],
+)
+def test_dot_segments_are_resolved_like_a_server_before_routing(
+    fake: FakeCustomerIO, target: str, method: str, route_path: str, operation: str | None
+) -> None:
+    raw_request(fake, method, target, {"name": "ev"})
+    [req] = fake.requests
+    assert (req.path, req.route_path, req.operation) == (target, route_path, operation)
+    if operation is None:
+        assert req.status == 404
+
+
+def test_normalize_path_follows_rfc_3986() -> None:
+    from cio_celery.testing.fake import normalize_path
+
+    assert normalize_path("/a/b/c/./../../g") == "/a/g"
+    assert normalize_path("/a/b/..") == "/a/"
+    assert normalize_path("/a/b/.") == "/a/b/"
+    assert normalize_path("/../a") == "/a"
+    assert normalize_path("/a/%2E%2E/b") == "/b"
+    assert normalize_path("/a/...") == "/a/..."
+    assert normalize_path("/a/%252E%252E") == "/a/%252E%252E"  # what the SDK sends for "%2E%2E"
+
+
+def test_v2_entity_applies_one_operation(fake: FakeCustomerIO, track: requests.Session) -> None:
+    body = {"type": "person", "action": "event", "identifiers": {"id": "u1"}, "name": "ev",
+            "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"}
+    assert track.post(f"{fake.url}/api/v2/entity", json=body).status_code == 200
+    assert track.post(f"{fake.url}/api/v2/entity", json=body).status_code == 200  # same event id
+    assert track.post(f"{fake.url}/api/v2/entity", json={"action": "identify"}).status_code == 400
+    [applied] = fake.applied
+    assert (applied.operation, applied.customer_id, applied.event_id) == ("entity:event", "u1", body["id"])
+    assert fake.stats["duplicates_ignored"] == 1
 
 
 def test_invalid_json_is_a_400_and_not_applied(fake: FakeCustomerIO, track: requests.Session) -> None:
