@@ -58,6 +58,7 @@ __all__ = [
     "OPERATIONS",
     "PATH_ID_FIELDS",
     "PERSON_ID_MAX_BYTES",
+    "RESERVED_NAMES",
     "SCHEMA_KEYS",
     "TIMESTAMP_LIMIT",
     "TRANSACTIONAL_DEFAULT_MAX_BYTES",
@@ -139,6 +140,11 @@ SCHEMA_KEYS: Final[frozenset[str]] = frozenset({
     "custom_payload", "custom_device", "sound",
 })
 """Customer.io's own field names: the only dict keys an error path shows by name."""
+RESERVED_NAMES: Final[dict[str, str]] = {
+    "self": "is reserved: the task functions take their own first parameter as self, so a worker "
+    "could not call the task with it",
+}
+"""``**attrs`` / ``**data`` names that cannot travel as task keyword arguments."""
 
 OPERATIONS: Final[tuple[str, ...]] = (
     "identify",
@@ -955,6 +961,9 @@ def _bind(
                             f"is named by a {_type_name(key)}; argument names must be str",
                         )
                     key = str.__str__(key)
+                if key in RESERVED_NAMES:
+                    label = "attributes" if spec.varkw == "attrs" else "data"
+                    raise ValidationError(operation, f"{label}.{key}", RESERVED_NAMES[key])
                 extras[key] = value
             elif index < given:
                 raise ValidationError(operation, params[index], "was given both positionally and by keyword")

@@ -1352,3 +1352,13 @@ def test_idempotency_key_rules() -> None:
         with pytest.raises(ValidationError) as info:
             v.validate_idempotency_key("track", key)
         assert (info.value.field, info.value.problem) == ("idempotency_key", problem)
+
+
+@pytest.mark.parametrize(("op", "args", "field"), [
+    ("identify", ["u"], "attributes.self"),
+    ("pageview", ["u", "/p"], "data.self"),
+    ("backfill", ["u", "ev", TS], "data.self"),
+    ("add_device", ["u", "tok", "ios"], "data.self"),
+])
+def test_a_catch_all_name_the_task_function_cannot_take_is_refused(op: str, args: list[Any], field: str) -> None:
+    fails(op, args, {"ok": 1, "self": 1}, field, v.RESERVED_NAMES["self"])
