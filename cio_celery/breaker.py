@@ -43,10 +43,55 @@ local function now_t(arg)
 end
 """
 
-# KEYS: state, permits. ARGV: token, lease, clock override, permits allowed.
-_ACQUIRE = _NOW + """
+# The shared state can be damaged (a hand-edited hash, a key of another type, a foreign
+# writer): a breaker that cannot be read is reset to closed, the generation moved on, the
+# reset counted in 'corrupt_resets'; the caller logs it as an error. Every script runs this
+# first, so none of them fails on damaged state. Returns true when it had to reset.
+_SANE = """
+local function fix_state(h, permits, win)
+  local function kind(k) local t = redis.call('TYPE', k); return t.ok or t end
+  local bad = false
+  local kh = kind(h)
+  if kh ~= 'hash' and kh ~= 'none' then bad = true end
+  if kind(permits) ~= 'zset' and kind(permits) ~= 'none' then bad = true end
+  if kind(win) ~= 'hash' and kind(win) ~= 'none' then bad = true end
+  local gen, total, resets = 0, 0, 0
+  if kh == 'hash' then
+    local f = redis.call('HMGET', h, 'st', 'gen', 'until', 'cons', 'hs', 'trips', 'closed_at', 'opened_at',
+                        'trips_total', 'corrupt_resets', 'forced')
+    local st = tonumber(f[1] or '0')
+    if st ~= 0 and st ~= 1 and st ~= 2 then bad = true end
+    for i = 2, #f do
+      if f[i] and not tonumber(f[i]) then bad = true end
+    end
+    if st == 1 and not tonumber(f[3] or '') and f[11] ~= '1' then bad = true end
+    gen = tonumber(f[2] or '0') or 0
+    total = tonumber(f[9] or '0') or 0
+    resets = tonumber(f[10] or '0') or 0
+  end
+  if kind(win) == 'hash' and not bad then
+    local flat = redis.call('HGETALL', win)
+    for i = 1, #flat, 2 do
+      local kindc = string.sub(flat[i], 1, 1)
+      if (kindc ~= 'c' and kindc ~= 'f') or not tonumber(string.sub(flat[i], 2)) or not tonumber(flat[i + 1]) then
+        redis.call('HDEL', win, flat[i])
+      end
+    end
+  end
+  if not bad then return false end
+  redis.call('DEL', h, permits, win)
+  redis.call('HSET', h, 'st', 0, 'gen', gen + 1, 'trips_total', total, 'corrupt_resets', resets + 1)
+  return true
+end
+"""
+
+# KEYS: state, permits, window. ARGV: token, lease, clock override, permits allowed.
+_ACQUIRE = _NOW + _SANE + """
 local now = now_t(ARGV[3])
 local h = KEYS[1]
+if fix_state(KEYS[1], KEYS[2], KEYS[3]) then
+  return {'allow', redis.call('HGET', h, 'gen'), '0', 'corrupt>closed'}
+end
 local st = tonumber(redis.call('HGET', h, 'st') or '0')
 local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
 local changed = ''
@@ -72,9 +117,12 @@ return {'reject', tostring(gen), tostring(math.max(0.05, tonumber(first[2]) - no
 # KEYS: state, permits, window. ARGV: outcome (s/f/i), generation, token, clock override,
 # bucket seconds, bucket count, minimum calls, failure rate, consecutive failures,
 # open base, open max, jitter fraction, random in [0,1), successes to close.
-_RECORD = _NOW + """
+_RECORD = _NOW + _SANE + """
 local now = now_t(ARGV[4])
 local h, permits, win = KEYS[1], KEYS[2], KEYS[3]
+if fix_state(h, permits, win) then
+  return {'corrupt>closed', redis.call('HGET', h, 'gen'), ''}
+end
 local outcome = ARGV[1]
 local st = tonumber(redis.call('HGET', h, 'st') or '0')
 local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
@@ -157,9 +205,10 @@ return {'stale', tostring(gen), ''}
 """
 
 # KEYS: state, permits, window. ARGV: mode (open/close/reset), clock override, open seconds.
-_FORCE = _NOW + """
+_FORCE = _NOW + _SANE + """
 local now = now_t(ARGV[2])
 local h = KEYS[1]
+fix_state(h, KEYS[2], KEYS[3])
 local st = tonumber(redis.call('HGET', h, 'st') or '0')
 local gen = tonumber(redis.call('HGET', h, 'gen') or '0') + 1
 redis.call('DEL', KEYS[2], KEYS[3])
@@ -186,9 +235,10 @@ return {tostring(st), tostring(new), tostring(gen)}
 """
 
 # KEYS: state, permits, window. ARGV: clock override, bucket seconds, bucket count.
-_STATUS = _NOW + """
+_STATUS = _NOW + _SANE + """
 local now = now_t(ARGV[1])
 local h = KEYS[1]
+local reset = fix_state(h, KEYS[2], KEYS[3])
 local st = tonumber(redis.call('HGET', h, 'st') or '0')
 local gen = tonumber(redis.call('HGET', h, 'gen') or '0')
 local untl = tonumber(redis.call('HGET', h, 'until') or '0')
@@ -209,7 +259,7 @@ end
 local probes = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
 return {tostring(st), tostring(gen), tostring(left), redis.call('HGET', h, 'trips') or '0',
         redis.call('HGET', h, 'cons') or '0', tostring(calls), tostring(fails), tostring(probes),
-        tostring(now)}
+        tostring(now), reset and '1' or '0'}
 """
 
 
@@ -321,7 +371,7 @@ class Breaker:
         s = self.settings
         token = secrets.token_hex(8)
         args = [token, s.probe_lease, self._now_arg(), s.breaker_half_open_probes]
-        return ScriptCall(_ACQUIRE, self._keys3[:2], args), token
+        return ScriptCall(_ACQUIRE, self._keys3, args), token
 
     def acquire_result(self, res: Any, token: str) -> Permit:
         """The permit from the acquire script's answer (announces a transition it made)."""
@@ -385,7 +435,9 @@ class Breaker:
 
     def status(self) -> BreakerStatus:
         res = run_script(self.settings, _STATUS, self._keys3, [self._now_arg(), self._bucket, self._buckets])
-        st, gen, left, trips, cons, calls, fails, probes, _now = (_s(x) for x in res)
+        st, gen, left, trips, cons, calls, fails, probes, _now, reset = (_s(x) for x in res)
+        if reset == "1":
+            self._announce("corrupt>closed")
         return BreakerStatus(
             name=self.name,
             state=_STATE_NAMES[int(st)],
@@ -431,7 +483,11 @@ class Breaker:
             text += f" for {float(open_for):.1f}s"
         if manual:
             text += " (by hand)"
-        logger.warning(text, extra=extra)
+        if old == "corrupt":
+            # Damaged shared state was reset: an operator should know how it got there.
+            logger.error(text + " (the shared state could not be read and was reset)", extra=extra)
+        else:
+            logger.warning(text, extra=extra)
         for listener in self._listeners:
             _notify(listener, "state_change", self, State(old), State(new))
 

@@ -28,6 +28,10 @@ __all__ = ["Claim", "Claims"]
 
 # KEYS: claim, attempt marker, stats hash. ARGV: token, lease ms, retention ms, operation.
 _CLAIM = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then
+  -- none, or a key of another type that no claim can be read from: replaced.
+  redis.call('DEL', KEYS[1])
+end
 if redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then
   local lost = redis.call('INCR', KEYS[2]) - 1
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -38,7 +42,13 @@ if v and string.sub(v, 1, 2) == 'd:' then
   redis.call('HINCRBY', KEYS[3], 'suppressed:' .. ARGV[4], 1)
   return {'done', 0}
 end
-return {'held', redis.call('PTTL', KEYS[1])}
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  -- A claim that would never end (written without a lease): give it one, so that it ends.
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  left = tonumber(ARGV[2])
+end
+return {'held', left}
 """
 
 # KEYS: claim, attempt marker. ARGV: token, retention ms, task id.

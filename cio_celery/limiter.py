@@ -43,7 +43,13 @@ __all__ = ["Limiter", "Slot", "bucket_of"]
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- A value that cannot be read (or a key of another type) counts as none and is replaced.
+local function num(k)
+  local raw = redis.pcall('GET', k)
+  if type(raw) == 'table' then redis.call('DEL', k); return 0 end
+  return tonumber(raw or '0') or 0
+end
+local paused = num(KEYS[2])
 local held = tonumber(ARGV[4])
 if paused <= now and held > 0 and now >= held - tonumber(ARGV[3]) and now <= held + 1000000 then
   local wait = held - now
@@ -51,7 +57,7 @@ if paused <= now and held > 0 and now >= held - tonumber(ARGV[3]) and now <= hel
   return {1, wait, 0}
 end
 local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat = num(KEYS[1])
 if tat < now then tat = now end
 if tat < paused then tat = paused end
 local start = tat - (tonumber(ARGV[2]) - 1) * interval
@@ -74,7 +80,9 @@ _PAUSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local untl = now + tonumber(ARGV[1])
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local raw = redis.pcall('GET', KEYS[1])
+if type(raw) == 'table' then redis.call('DEL', KEYS[1]); raw = false end
+local cur = tonumber(raw or '0') or 0
 if untl > cur then
   redis.call('SET', KEYS[1], tostring(untl), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
 end
