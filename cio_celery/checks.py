@@ -9,6 +9,7 @@ the result. Messages name settings and values, never a URL or a credential.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,19 @@ from typing import Any
 import redis
 
 from .exceptions import ConfigurationError
-from .settings import REDIS_DEFAULT_VISIBILITY_TIMEOUT, SETTINGS, Settings, build_settings, settings_for_app
+from .settings import REDIS_DEFAULT_VISIBILITY_TIMEOUT, SETTINGS, Settings, settings_for_app
 from .store import redis_for
 
 __all__ = [
+    "REMOTE_COMMAND",
     "ConfigProblem",
     "check_configuration",
     "check_worker",
+    "consumer_queues",
+    "credential_gaps",
     "log_configuration_problems",
     "recommended_celery_config",
+    "where_set",
 ]
 
 logger = logging.getLogger("cio_celery.checks")
@@ -36,9 +41,64 @@ _ENV = {s.name: s.env for s in SETTINGS}
 _VT = "broker_transport_options.visibility_timeout"
 
 
+#: The remote control command every worker running cio_celery answers (see :mod:`cio_celery.health`).
+REMOTE_COMMAND = "cio_status"
+
+# Where recommended_celery_config() looks for the three values it needs.
+_RECOMMENDED_FROM_ENV = ("visibility_timeout", "task_time_limit", "timeout")
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
 def _env(name: str) -> str:
     """The ``CIO_*`` environment variable of a settings field (the name users set)."""
     return _ENV.get(name, name)
+
+
+def where_set(setting: str, app: Any = None) -> str:
+    """Where the user sets what a ConfigurationError names: the ``CIO_*`` variable when it is set in
+    the environment, else the Celery setting ``cio_<name>`` when the app has it, else the variable."""
+    name = setting.rsplit(".", 1)[-1]  # "settings.timeout" / "celery conf cio.timeout" -> "timeout"
+    if name not in _ENV:
+        return setting  # already a variable (CIO_TIMEOUT cannot be parsed) or a Celery setting
+    if os.environ.get(_ENV[name]):
+        return _ENV[name]
+    try:
+        if app is not None and app.conf.get(f"cio_{name}") is not None:
+            return f"cio_{name}"
+    except Exception:  # noqa: BLE001, S110 - an unreadable conf: name the variable
+        pass
+    return _ENV[name]
+
+
+def credential_gaps(settings: Settings) -> list[str]:
+    """The variables of the credentials ``settings`` lacks (``CIO_SITE_ID``, ``CIO_TRACK_API_KEY``,
+    ``CIO_APP_API_KEY``), whichever source was meant to set them."""
+    names = (("site_id", "CIO_SITE_ID"), ("track_api_key", "CIO_TRACK_API_KEY"), ("app_api_key", "CIO_APP_API_KEY"))
+    return [env for name, env in names if not getattr(settings, name)]
+
+
+def _lenient_settings() -> Settings:
+    """Defaults with the environment's values of the few settings recommended_celery_config() reads.
+
+    A bad value is left to the checks (``manage.py check``, the worker's start-up log), which name
+    it: a project's celery.py calls this at import, where raising would stop ``manage.py check``
+    itself with a traceback.
+    """
+    values: dict[str, Any] = {}
+    for name in _RECOMMENDED_FROM_ENV:
+        raw = os.environ.get(_ENV[name])
+        if not raw:
+            continue
+        try:
+            value = _BY_NAME[name].parse(raw)
+        except ValueError:
+            continue
+        if isinstance(value, float) and value > 0 and value < float("inf"):
+            values[name] = value
+    try:
+        return Settings(**values)
+    except ConfigurationError:
+        return Settings()
 
 
 def recommended_celery_config(
@@ -62,10 +122,12 @@ def recommended_celery_config(
       - ``unacked_restore_throttle`` 1: every sweep scans (kombu's default scans every 10th: one per 100 s).
 
     ``broker_transport_options`` replaces the app's whole mapping: merge your own keys (a
-    Sentinel ``master_name`` ...) into it. ``settings`` defaults to the environment's
-    (``build_settings()``), so ``CIO_VISIBILITY_TIMEOUT`` is honoured.
+    Sentinel ``master_name`` ...) into it. Without ``settings`` it reads only
+    ``CIO_VISIBILITY_TIMEOUT``, ``CIO_TASK_TIME_LIMIT`` and ``CIO_TIMEOUT`` from the environment,
+    and never raises: a bad value there (or in any other setting) is reported by the checks,
+    naming the variable, not by a traceback at import.
     """
-    s = build_settings() if settings is None else settings
+    s = _lenient_settings() if settings is None else settings
     if visibility_timeout is None:
         if s.visibility_timeout is not None:
             visibility_timeout = s.visibility_timeout
@@ -125,10 +187,11 @@ def _acks_on_timeout(task: Any) -> bool:
 _TASK_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("task_acks_late", lambda t: not t.acks_late,
      "acks_late is off for {tasks} (task_annotations or a subclass): the message is acknowledged "
-     "before the delivery, so a worker that dies mid-delivery loses the operation"),
+     "before the delivery, so a worker that dies mid-delivery loses the operation; "
+     "app.conf.update(recommended_celery_config()) turns it on"),
     ("task_reject_on_worker_lost", lambda t: not t.reject_on_worker_lost,
      "reject_on_worker_lost is off for {tasks}: an operation whose worker process is killed is "
-     "acknowledged and lost instead of requeued"),
+     "acknowledged and lost instead of requeued; app.conf.update(recommended_celery_config()) turns it on"),
     ("task_acks_on_timeout", _acks_on_timeout,
      "acks_on_timeout is on for {tasks}: a delivery killed by the hard time limit is acknowledged "
      "and lost instead of requeued"),
@@ -153,15 +216,16 @@ def _check_worker_settings(conf: Any) -> list[ConfigProblem]:
         shown = f"{multiplier} (unlimited)" if multiplier == 0 else str(multiplier)
         problems.append(ConfigProblem(
             "worker_prefetch_multiplier",
-            f"is {shown}; set it to 1: a prefetched operation waits behind a slow delivery, and with "
-            "acks_late it is held unacknowledged all the while",
+            f"is {shown}; set it to 1 (app.conf.update(recommended_celery_config()) does): a prefetched "
+            "operation waits behind a slow delivery, and with acks_late it is held unacknowledged all the while",
             WARNING,
         ))
     if not conf.worker_cancel_long_running_tasks_on_connection_loss:
         problems.append(ConfigProblem(
             "worker_cancel_long_running_tasks_on_connection_loss",
             "is off: after a broker connection loss, deliveries already running keep going while their "
-            "unacknowledged messages are delivered again, so an operation can run twice",
+            "unacknowledged messages are delivered again, so an operation can run twice; "
+            "app.conf.update(recommended_celery_config()) turns it on",
             WARNING,
         ))
     if conf.task_always_eager:
@@ -188,6 +252,34 @@ def _broker_is_redis(app: Any) -> bool:
         return isinstance(transport, type) and issubclass(transport, RedisTransport)
     except Exception:  # noqa: BLE001 - an unknown transport is not Redis
         return False
+
+
+def _check_transport(app: Any) -> list[ConfigProblem]:
+    """The broker's kombu transport imports: a missing dependency (kombu's Redis transport needs
+    ``packaging``, from ``celery[redis]``) makes every publish fail and every worker die at start."""
+    try:
+        from kombu.transport import resolve_transport
+
+        conn = app.connection_for_write()
+        try:
+            name = conn.transport_cls
+        finally:
+            conn.release()
+    except Exception:  # noqa: BLE001 - a broker URL Celery cannot parse is Celery's to report
+        return []
+    try:
+        resolve_transport(name)
+    except ImportError as exc:
+        return [ConfigProblem(
+            "broker_url",
+            f"the broker's transport {str(name).split(':')[0]!r} cannot be loaded ({type(exc).__name__}: {exc}): "
+            "workers die at start and .delay() spools every operation; install it with pip install "
+            "'celery[redis]' (a dependency of cio-celery: reinstall the package)",
+            ERROR,
+        )]
+    except Exception:  # noqa: BLE001, S110 - unknown transport names are Celery's to report
+        pass
+    return []
 
 
 def _broker_visibility_timeout(conf: Any) -> float:
@@ -260,14 +352,16 @@ def _check_queues(app: Any, s: Settings, queues: Collection[str]) -> list[Config
     if not app.conf.task_routes and s.queue not in consumed:
         problems.append(ConfigProblem(
             _env("queue"),
-            f"queue {s.queue!r} is not consumed by this worker: it runs none of the operations sent there",
+            f"queue {s.queue!r} is not consumed by this worker: it runs none of the operations sent there; "
+            f"start workers with -Q {s.queue},{s.fallback_queue}",
             WARNING,
         ))
     if s.fallback_queue not in consumed:
         problems.append(ConfigProblem(
             _env("fallback_queue"),
             f"queue {s.fallback_queue!r} is not consumed by this worker: operations parked during an outage "
-            "are released to it (by any worker's releaser) and wait there until a worker consumes it",
+            "are released to it (by any worker's releaser) and wait there until a worker consumes it; "
+            f"start workers with -Q {s.queue},{s.fallback_queue}",
             WARNING,
         ))
     return problems
@@ -334,7 +428,8 @@ def check_configuration(
         try:
             settings = settings_for_app(app)
         except ConfigurationError as exc:
-            problems.append(ConfigProblem(_env(exc.setting), exc.problem, ERROR))
+            problems.append(ConfigProblem(where_set(exc.setting, app), exc.problem, ERROR))
+    problems += _check_transport(app)
     problems += _check_worker_settings(app.conf)
     problems += _check_tasks(app)
     if settings is not None:
@@ -357,7 +452,7 @@ def log_configuration_problems(problems: Iterable[ConfigProblem], logger: loggin
         })
 
 
-def _consumer_queues(consumer: Any) -> list[str] | None:
+def consumer_queues(consumer: Any) -> list[str] | None:
     """The names of the queues a worker's consumer consumes (``Consumer.task_consumer.queues``)."""
     task_consumer = getattr(consumer, "task_consumer", None)
     queues = getattr(task_consumer, "queues", None)
@@ -366,8 +461,26 @@ def _consumer_queues(consumer: Any) -> list[str] | None:
     return [str(q.name) for q in queues]
 
 
+# Health problems a worker logs at start (the queue and configuration ones come from check_configuration).
+_START_PROBLEMS = ("track_credentials_missing", "app_credentials_missing", "spool_stale", "broker_unreachable",
+                   "broker_publish_failing")
+
+
+def _health_problems(app: Any, settings: Settings) -> list[ConfigProblem]:
+    from .health import health_report  # late: health imports this module
+
+    report = health_report(app, settings, check_workers=False)
+    out: list[ConfigProblem] = []
+    for p in report.problems:
+        if p.name in _START_PROBLEMS:
+            severity = ERROR if p.name.startswith("track_") or p.name.startswith("broker_") else WARNING
+            out.append(ConfigProblem(p.setting or p.name, f"{p.name}: {p.message}; fix: {p.fix}", severity))
+    return out
+
+
 def check_worker(sender: Any = None, **kwargs: Any) -> list[ConfigProblem]:
-    """A ``worker_ready`` handler: check the worker's app, queues and store, log the problems.
+    """A ``worker_ready`` handler: check the worker's app, queues, store, credentials, spool and
+    broker, and log each problem with its fix.
 
     ``sender`` is the worker's consumer. An unreachable store is reported, not raised; this
     never raises at all (an unexpected error is logged and an empty list returned).
@@ -387,9 +500,38 @@ def check_worker(sender: Any = None, **kwargs: Any) -> list[ConfigProblem]:
                 store = redis_for(settings)
             except Exception:  # noqa: BLE001, S110 - no store client: the store checks are skipped
                 pass
-        problems = check_configuration(app, settings, consumer_queues=_consumer_queues(sender), store=store)
+        problems = check_configuration(app, settings, consumer_queues=consumer_queues(sender), store=store)
+        if settings is not None:
+            problems += _health_problems(app, settings)
         log_configuration_problems(problems)
         return problems
     except Exception as exc:  # noqa: BLE001 - a check must never stop a worker
         logger.error("cio_celery configuration: the check failed (%s)", type(exc).__name__)
         return []
+
+
+def _cio_status(state: Any, **_: Any) -> dict[str, Any]:
+    """The ``cio_status`` remote command: the queues this worker consumes and the credentials it lacks.
+
+    :func:`cio_celery.health.health_report` broadcasts it: Redis counts no consumers, and only the
+    workers know their own credentials. It names variables, never their values.
+    """
+    answer: dict[str, Any] = {"queues": consumer_queues(getattr(state, "consumer", None)) or [], "missing": None}
+    try:
+        answer["missing"] = credential_gaps(settings_for_app(state.app))
+    except Exception as exc:  # noqa: BLE001 - answered as such, never raised in the worker
+        answer["configuration_error"] = type(exc).__name__
+    return answer
+
+
+def _register_remote_command() -> None:
+    """Every worker that imports cio_celery answers ``cio_status`` (registered before it consumes)."""
+    try:
+        from celery.worker.control import inspect_command
+
+        inspect_command(name=REMOTE_COMMAND)(_cio_status)
+    except Exception as exc:  # noqa: BLE001 - health then falls back to active_queues
+        logger.warning("cio_celery: the %s remote command is not available (%s)", REMOTE_COMMAND, type(exc).__name__)
+
+
+_register_remote_command()

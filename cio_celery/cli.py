@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import re
@@ -32,13 +33,14 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from kombu.exceptions import KombuError
 
 from .breaker import breaker_for
+from .checks import where_set
 from .deadletters import DeadLetter, DeadLetters
 from .exceptions import CioError, ConfigurationError, EnqueueError, ValidationError
 from .fallback import Fallback
-from .health import health_report
+from .health import DEFAULT_INSPECT_TIMEOUT, DEFAULT_MAX_SPOOL_AGE, PROBLEM_NAMES, health_report
 from .operations import OPERATIONS
 from .settings import Settings, configure, settings_for_app
-from .spool import flush_spool, spool_depth
+from .spool import flush_spool, publisher_for, spool_depth
 from .store import redis_for
 
 __all__ = ["EXIT_NOT_OK", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "cio", "parse_duration"]
@@ -139,8 +141,11 @@ def _by_operation(entries: Sequence[DeadLetter]) -> str:
 # -- context -----------------------------------------------------------------------------------
 
 
-def _app(ctx: click.Context) -> Any:
-    """The app ``-A`` loaded (Celery's ``CLIContext.app``), prepared once for the commands."""
+def _app(ctx: click.Context, strict: bool = True) -> Any:
+    """The app ``-A`` loaded (Celery's ``CLIContext.app``), prepared once for the commands.
+
+    ``strict=False`` (``status``) leaves invalid settings to the report, which names them.
+    """
     app = getattr(ctx.find_root().obj, "app", None)
     if app is None:
         from celery import current_app
@@ -153,7 +158,12 @@ def _app(ctx: click.Context) -> Any:
         if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
             log.addHandler(logging.NullHandler())
         # A command that cannot publish must fail, not spool the operation on the operator's machine.
-        settings = settings_for_app(app)
+        try:
+            settings = settings_for_app(app)
+        except ConfigurationError:
+            if strict:
+                raise
+            return app
         if settings.on_broker_error != "raise":
             configure(app, settings.with_changes(on_broker_error="raise"))
     return app
@@ -226,8 +236,11 @@ class CioGroup(click.Group):
         except BrokenPipeError:
             raise
         except ConfigurationError as exc:
-            # The message names the setting and the problem, never its value.
-            _fail(ctx, EXIT_USAGE, "configuration", f"configuration error: {exc}")
+            # The message names the setting where it is set (CIO_REDIS_URL, cio_timeout) and the problem,
+            # never its value.
+            app = getattr(ctx.find_root().obj, "app", None)
+            _fail(ctx, EXIT_USAGE, "configuration",
+                  f"configuration error: {where_set(exc.setting, app)} {exc.problem}")
         except _UNAVAILABLE as exc:
             target = _target(ctx, exc)
             verb = "is unreachable" if isinstance(exc, _CONNECTION) and target != "local spool" else "failed"
@@ -274,6 +287,16 @@ def _breaker_line(b: dict[str, Any] | None) -> str:
     return f"{state} ({detail + ', ' if detail else ''}trips {b['trips']})"
 
 
+def _queues_line(queues: dict[str, Any] | None) -> str:
+    if not queues:
+        return "?"
+    parts = []
+    for name, q in queues.items():
+        consumers = "?" if q.get("consumers") is None else q["consumers"]
+        parts.append(f"{name}: {q.get('depth')} waiting, {consumers} consuming")
+    return "; ".join(parts)
+
+
 def _status_text(data: dict[str, Any]) -> str:
     suppressed = data["suppressed_duplicates"]
     sup = str(sum(suppressed.values()))
@@ -283,15 +306,29 @@ def _status_text(data: dict[str, Any]) -> str:
     def show(v: Any) -> str:
         return "?" if v is None else str(v)
 
+    broker = data.get("broker") or {}
+    if not broker:
+        broker_text = "?"
+    elif broker.get("publish_ok"):
+        broker_text = f"{broker.get('transport')} (publishing works)"
+    elif broker.get("reachable") is False:
+        broker_text = f"{broker.get('transport')} (unreachable)"
+    else:
+        broker_text = f"{broker.get('transport')} (publishing fails)"
+    store_read = data["fallback_depth"] is not None
     lines = [
         f"cio_celery: {'healthy' if data['healthy'] else 'UNHEALTHY'}",
-        f"breaker                {_breaker_line(data['breaker']) if data['fallback_depth'] is not None else '?'}",
+        f"breaker                {_breaker_line(data['breaker']) if store_read else '?'}",
+        f"broker                 {broker_text}",
+        f"queues                 {_queues_line(data.get('queues'))}",
         f"parked (fallback)      {show(data['fallback_depth'])}",
         f"dead letters           {show(data['dead_letters'])}",
         f"spool (this host)      {show(data['spool_depth'])}",
-        f"suppressed duplicates  {sup if data['fallback_depth'] is not None else '?'}",
+        f"suppressed duplicates  {sup if store_read else '?'}",
     ]
-    lines += [f"problem: {p}" for p in data["problems"]]
+    for p in data["problems"]:
+        lines += [f"problem: {p['name']}: {p['message']}", f"  fix: {p['fix']}"]
+    lines += [f"ignored: {p['name']}: {p['message']}" for p in data.get("ignored") or ()]
     return "\n".join(lines)
 
 
@@ -300,19 +337,31 @@ def _status_text(data: dict[str, Any]) -> str:
               help="Unhealthy when there are more dead letters than this.")
 @click.option("--max-fallback-depth", type=click.IntRange(min=0), cls=CeleryOption, help_group="Thresholds",
               help="Unhealthy when more operations than this are parked.")
+@click.option("--max-spool-age", callback=_positive_duration, metavar="DURATION", cls=CeleryOption,
+              help_group="Thresholds", help="Unhealthy when this host's spool holds an operation older than this "
+              "(default 60s).")
+@click.option("--ignore", "ignore", multiple=True, type=click.Choice(PROBLEM_NAMES), metavar="PROBLEM",
+              cls=CeleryOption, help_group="Thresholds",
+              help="Report this problem without judging it (repeatable), e.g. app_credentials_missing.")
+@click.option("--inspect-timeout", type=click.FloatRange(min=0.1, max=30), default=DEFAULT_INSPECT_TIMEOUT,
+              show_default=True, cls=CeleryOption, help_group="Thresholds",
+              help="Seconds to wait for the workers' answers (which queues they consume, their credentials).")
 @_json_option
 @click.pass_context
-def status(ctx: click.Context, max_dead_letters: int | None, max_fallback_depth: int | None, as_json: bool) -> None:
-    """Health: breaker, parked operations, dead letters, this host's spool, suppressed duplicates.
+def status(ctx: click.Context, max_dead_letters: int | None, max_fallback_depth: int | None,
+           max_spool_age: float | None, ignore: tuple[str, ...], inspect_timeout: float, as_json: bool) -> None:
+    """Health: breaker, broker, queues and their workers, credentials, parked operations, dead letters, this
+    host's spool.
 
-    Exit 0 healthy, 1 unhealthy, 3 the store is unreachable.
+    Exit 0 healthy, 1 unhealthy (each problem is named, with its fix), 3 the store is unreachable.
     """
-    app = _app(ctx)
-    report = health_report(app, settings_for_app(app), max_dead_letters=max_dead_letters,
-                           max_fallback_depth=max_fallback_depth)
+    app = _app(ctx, strict=False)
+    report = health_report(app, max_dead_letters=max_dead_letters, max_fallback_depth=max_fallback_depth,
+                           max_spool_age=DEFAULT_MAX_SPOOL_AGE if max_spool_age is None else max_spool_age,
+                           ignore=ignore, inspect_timeout=inspect_timeout, workers_cache=0)
     data = report.as_dict()
     _emit(ctx, data, _status_text(data))
-    if report.fallback_depth is None or report.dead_letters is None:
+    if "store_unavailable" in report.problem_names and not report.store_up:
         ctx.exit(EXIT_UNAVAILABLE)  # health_report caught a store error (named in problems)
     ctx.exit(EXIT_OK if report.healthy else EXIT_NOT_OK)
 
@@ -399,6 +448,8 @@ def dead_letters() -> None:
 
 
 def _filter_options(f: F) -> F:
+    f = click.option("--reason", metavar="PREFIX", cls=CeleryOption, help_group="Selection Options",
+                     help="Only entries whose reason starts with this (not_configured, http_4, retries_exhausted).")(f)
     f = click.option("--older-than", callback=_duration, metavar="DURATION", cls=CeleryOption,
                      help_group="Selection Options",
                      help="Only entries that failed longer ago than this (90, 30m, 2h, 7d).")(f)
@@ -420,10 +471,11 @@ def _summary(entry: DeadLetter, now: float) -> dict[str, Any]:
               help_group="Selection Options", help="Show at most this many (oldest first).")
 @_json_option
 @click.pass_context
-def dl_list(ctx: click.Context, operation: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
+def dl_list(ctx: click.Context, operation: str | None, older_than: float | None, reason: str | None, limit: int,
+            as_json: bool) -> None:
     """Entries oldest first: id, operation, reason, status, attempts, age (never their arguments)."""
     store = DeadLetters(_settings(ctx), _app(ctx))
-    entries = store.list(operation=operation, older_than=older_than, limit=limit)
+    entries = list(itertools.islice(_matching(store, operation, older_than, reason), limit))
     total = store.count()
     now = time.time()
     rows = [[e.id, e.operation, e.reason, e.status, e.attempts, _age(now - e.failed_at)] for e in entries]
@@ -476,13 +528,25 @@ def dl_show(ctx: click.Context, entry_id: str, show_data: bool, as_json: bool) -
     _emit(ctx, data, "\n".join(lines))
 
 
+def _matching(
+    store: DeadLetters, operation: str | None, older_than: float | None, reason: str | None
+) -> Iterator[DeadLetter]:
+    """Entries oldest first, by operation, age and reason prefix (``not_configured``, ``http_4``)."""
+    for entry in store.iter(operation, older_than):
+        if reason is None or entry.reason.startswith(reason):
+            yield entry
+
+
 def _select(
-    ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None, all_: bool
+    ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
+    reason: str | None, all_: bool,
 ) -> tuple[DeadLetters, list[DeadLetter], list[str]]:
     """The entries a replay or purge acts on: ids, or filters, or --all (exactly one kind)."""
-    filtered = operation is not None or older_than is not None
+    if reason is not None and not reason.strip():
+        raise click.BadParameter("must not be blank", ctx, param_hint="'--reason'")
+    filtered = operation is not None or older_than is not None or reason is not None
     if sum([bool(ids), filtered, all_]) != 1:
-        raise click.UsageError("select entries with IDs, or with --operation/--older-than, or with --all "
+        raise click.UsageError("select entries with IDs, or with --operation/--older-than/--reason, or with --all "
                                "(one of the three)", ctx)
     store = DeadLetters(_settings(ctx), _app(ctx))
     if ids:
@@ -490,7 +554,7 @@ def _select(
         entries = [e for e in found.values() if e is not None]
         missing = [i for i, e in found.items() if e is None]
     else:
-        entries, missing = list(store.iter(operation, older_than)), []
+        entries, missing = list(_matching(store, operation, older_than, reason)), []
     return store, entries, missing
 
 
@@ -507,12 +571,12 @@ def _selection_command(f: F) -> F:
 @_json_option
 @click.pass_context
 def dl_replay(ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
-              all_: bool, yes: bool, as_json: bool) -> None:
+              reason: str | None, all_: bool, yes: bool, as_json: bool) -> None:
     """Enqueue entries again with their idempotency key and event id; each is removed once published.
 
     Exit 1 when nothing matched, an id was not found or an entry could not be replayed.
     """
-    store, entries, missing = _select(ctx, ids, operation, older_than, all_)
+    store, entries, missing = _select(ctx, ids, operation, older_than, reason, all_)
     if not entries:
         _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no dead letter matches; nothing was replayed.", missing=missing)
     _confirm(ctx, yes, f"Replay {_plural(len(entries), 'dead letter')} ({_by_operation(entries)})?")
@@ -549,9 +613,9 @@ def dl_replay(ctx: click.Context, ids: tuple[str, ...], operation: str | None, o
 @_json_option
 @click.pass_context
 def dl_purge(ctx: click.Context, ids: tuple[str, ...], operation: str | None, older_than: float | None,
-             all_: bool, yes: bool, as_json: bool) -> None:
+             reason: str | None, all_: bool, yes: bool, as_json: bool) -> None:
     """Delete entries for good (they will not be delivered). Exit 1 when nothing matched or an id was not found."""
-    store, entries, missing = _select(ctx, ids, operation, older_than, all_)
+    store, entries, missing = _select(ctx, ids, operation, older_than, reason, all_)
     if not entries:
         _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no dead letter matches; nothing was deleted.", missing=missing)
     _confirm(ctx, yes, f"Delete {_plural(len(entries), 'dead letter')} ({_by_operation(entries)}) for good?")
@@ -651,6 +715,22 @@ def spool_flush(ctx: click.Context, as_json: bool) -> None:
         _fail(ctx, EXIT_UNAVAILABLE, "broker_unavailable",
               f"the broker is unreachable ({type(exc).__name__}); {remaining} operations stay in the spool",
               remaining=remaining)
-    _emit(ctx, {"published": result.published, "remaining": result.remaining},
-          f"published {result.published}; {result.remaining} remain")
+    why = _why_rows_remain(app) if result.remaining else None
+    _emit(ctx, {"published": result.published, "remaining": result.remaining, **({"why": why} if why else {})},
+          f"published {result.published}; {result.remaining} remain" + (f": {why}" if why else ""))
     ctx.exit(EXIT_OK if result.remaining == 0 else EXIT_NOT_OK)
+
+
+def _why_rows_remain(app: Any) -> str:
+    """Why a flush left rows: held by a publish still in flight, or spooled while it ran."""
+    now = time.time()
+    rows = publisher_for(app).spool.peek(10_000)
+    held = [r for r in rows if r.hold_until > now]
+    parts = []
+    if held:
+        wait = max(r.hold_until for r in held) - now
+        parts.append(f"{_plural(len(held), 'operation')} held by a publish still in flight in a process of this "
+                     f"host (it may yet land; the hold ends within {wait:.0f}s, then run this again)")
+    if len(rows) > len(held):
+        parts.append(f"{len(rows) - len(held)} spooled while this ran, or behind a held one (run this again)")
+    return "; ".join(parts) or "the spool changed while this ran (run this again)"

@@ -299,7 +299,7 @@ def test_health_view_answers_200_then_503_while_the_breaker_is_open(client: Any,
         resp = client.get("/cio/health/")
         assert resp.status_code == 503
         body = resp.json()
-        assert body["status"] == "unhealthy" and "breaker open" in body["problems"]
+        assert body["status"] == "unhealthy" and [p["name"] for p in body["problems"]] == ["breaker_open"]
         assert body["breaker"]["state"] == "open" and 25 < body["breaker"]["time_left"] <= 36
     finally:
         breaker.reset()
@@ -315,15 +315,20 @@ def test_health_thresholds_come_from_cio_celery(client: Any, dj: SimpleNamespace
     with override_settings(CIO_CELERY={**dj.base, "health_max_dead_letters": 0}):
         resp = client.get("/cio/health/")
     assert resp.status_code == 503
-    assert resp.json()["problems"] == ["1 dead letters (more than 0)"]
+    assert [(p["name"], p["message"]) for p in resp.json()["problems"]] == [
+        ("dead_letters_over_threshold", "1 dead letters (more than 0)")]
 
 
 @pytest.mark.parametrize(
     ("extra", "problem"),
     [
         ({"health_max_fallback_depth": "lots"},
-         "configuration: CIO_CELERY['health_max_fallback_depth'] must be a whole number, 0 or more"),
-        ({"redis_alias": "nope", "redis_url": None}, "health check failed (InvalidCacheBackendError)"),
+         "CIO_CELERY['health_max_fallback_depth'] must be a whole number, 0 or more"),
+        ({"health_ignore": ["no_such_problem"]}, "CIO_CELERY['health_ignore'] must be a list of problem names"),
+        ({"redis_alias": "nope", "redis_url": None}, "CIO_CELERY['redis_alias'] names no cache in CACHES"),
+        # The app keeps its previous settings (the worker delivers), but health says CIO_CELERY is wrong.
+        ({"region": "mars"}, "CIO_CELERY['region'] must be one of ['eu', 'us']"),
+        ({"timeout": "soon"}, "CIO_CELERY['timeout'] cannot be parsed"),
     ],
 )
 def test_health_view_answers_503_not_500_on_a_configuration_error(
@@ -332,7 +337,10 @@ def test_health_view_answers_503_not_500_on_a_configuration_error(
     with override_settings(CIO_CELERY={**dj.base, **extra}):
         resp = client.get("/cio/health/")
     assert resp.status_code == 503
-    assert resp.json()["problems"] == [problem]
+    found = [p for p in resp.json()["problems"] if p["name"] == "configuration_invalid"]
+    assert found and found[0]["message"].startswith(problem), resp.json()["problems"]
+    assert "manage.py check" in found[0]["fix"]
+    assert dj.base["track_api_key"] not in resp.content.decode()
 
 
 # -- redis_alias -----------------------------------------------------------------------------

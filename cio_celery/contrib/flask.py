@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
+from ..checks import check_configuration, credential_gaps, log_configuration_problems
 from ..exceptions import ConfigurationError
-from ..health import HealthReport, health_report
+from ..health import DEFAULT_MAX_SPOOL_AGE, PROBLEM_NAMES, HealthReport, Problem, health_report, unhealthy
 from ..settings import SETTINGS, Settings, configure
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ PREFIX = "CIO_CELERY_"
 EXTENSION = "cio_celery"
 
 #: Keys of the extension itself (after :data:`PREFIX`), not cio_celery settings.
-OWN_KEYS = ("HEALTH_BLUEPRINT", "HEALTH_URL_PREFIX", "HEALTH_MAX_DEAD_LETTERS", "HEALTH_MAX_FALLBACK_DEPTH")
+OWN_KEYS = (
+    "HEALTH_BLUEPRINT", "HEALTH_URL_PREFIX", "HEALTH_MAX_DEAD_LETTERS", "HEALTH_MAX_FALLBACK_DEPTH",
+    "HEALTH_MAX_SPOOL_AGE", "HEALTH_IGNORE",
+)
 
 _SPECS = {s.name: s for s in SETTINGS}
 _BY_KEY = {s.name.upper(): s.name for s in SETTINGS}
@@ -60,12 +64,16 @@ class CioCeleryState:
     settings: Settings
     max_dead_letters: int | None = None
     max_fallback_depth: int | None = None
+    max_spool_age: float = DEFAULT_MAX_SPOOL_AGE
+    #: Problem names reported but not judged (``CIO_CELERY_HEALTH_IGNORE``).
+    ignore: tuple[str, ...] = ()
 
     def health(self) -> HealthReport:
-        """The health report the blueprint serves (a few Redis reads; never raises)."""
+        """The health report the blueprint serves (Redis, broker and worker reads; never raises)."""
         return health_report(
             self.celery, self.settings,
             max_dead_letters=self.max_dead_letters, max_fallback_depth=self.max_fallback_depth,
+            max_spool_age=self.max_spool_age, ignore=self.ignore,
         )
 
 
@@ -153,6 +161,29 @@ def _threshold(config: Mapping[str, Any], short: str) -> int | None:
     return value
 
 
+def _spool_age(config: Mapping[str, Any]) -> float:
+    key = PREFIX + "HEALTH_MAX_SPOOL_AGE"
+    value = config.get(key, DEFAULT_MAX_SPOOL_AGE)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigurationError(key, "must be a number of seconds, more than 0") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(key, "must be a number of seconds, more than 0")
+    return float(value)
+
+
+def _ignore(config: Mapping[str, Any]) -> tuple[str, ...]:
+    key = PREFIX + "HEALTH_IGNORE"
+    value = config.get(key) or ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not all(isinstance(v, str) and v in PROBLEM_NAMES for v in value):
+        raise ConfigurationError(key, "must be problem names such as ['app_credentials_missing'] (docs/monitoring.md)")
+    return tuple(value)
+
+
 def _where(name: str, mapped: Mapping[str, Any], celery_app: Any) -> str:
     """Where the user sets what a ConfigurationError names: a Flask key, a ``CIO_*`` variable or Celery conf."""
     if name not in _SPECS:
@@ -179,21 +210,17 @@ def _resolve_celery(app: Flask, celery: Any) -> Any:
 
 # -- the health blueprint ----------------------------------------------------------------
 
-def _unhealthy(problem: str) -> HealthReport:
-    return HealthReport(
-        healthy=False, problems=[problem], breaker=None, fallback_depth=None, dead_letters=None, spool_depth=None
-    )
-
-
 def _health() -> Response:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, CioCeleryState):
-        report = _unhealthy("cio_celery is not initialised: call CioCelery().init_app(app)")
+        report = unhealthy(Problem("configuration_invalid", "cio_celery is not initialised for this Flask app",
+                                   "call CioCelery().init_app(app) in the app factory"))
     else:
         try:
             report = state.health()
         except Exception as exc:  # noqa: BLE001 - a health check answers 503, never 500
-            report = _unhealthy(f"health check failed ({type(exc).__name__})")
+            report = unhealthy(Problem("health_check_failed", f"health check failed ({type(exc).__name__})",
+                                       "report it; the app's log may say more"))
     response = jsonify(report.as_dict())
     response.status_code = report.http_status
     response.headers["Cache-Control"] = "no-store"
@@ -234,7 +261,7 @@ class CioCelery:
         celery_app = _resolve_celery(app, celery if celery is not None else self.celery)
         mapped = settings_from_config(app.config)
         thresholds = (_threshold(app.config, "HEALTH_MAX_DEAD_LETTERS"),
-                      _threshold(app.config, "HEALTH_MAX_FALLBACK_DEPTH"))
+                      _threshold(app.config, "HEALTH_MAX_FALLBACK_DEPTH"), _spool_age(app.config), _ignore(app.config))
         register = _parse_bool(PREFIX + "HEALTH_BLUEPRINT", app.config.get(PREFIX + "HEALTH_BLUEPRINT", True))
         url_prefix = app.config.get(PREFIX + "HEALTH_URL_PREFIX", "/cio")
         if not isinstance(url_prefix, str):
@@ -250,7 +277,31 @@ class CioCelery:
         if register and EXTENSION not in app.blueprints:  # init_app twice re-reads the config only
             app.register_blueprint(health_blueprint(), url_prefix=url_prefix)
         self._warn_if_not_current(celery_app)
+        self._warn_about(celery_app, settings, state.ignore)
         return state
+
+    @staticmethod
+    def _warn_about(celery_app: Any, settings: Settings, ignore: tuple[str, ...]) -> None:
+        """What would stop or weaken delivery, said now rather than in dead letters: missing credentials
+        and the Celery settings the guarantees rest on (no network: the broker and workers are not asked)."""
+        try:
+            missing = credential_gaps(settings)
+            track = [v for v in missing if v != "CIO_APP_API_KEY"]
+            if track and "track_credentials_missing" not in ignore:
+                logger.warning(
+                    "cio_celery: %s not set: Track operations (identify, track ...) will be dead-lettered as "
+                    "not_configured; set %s (or %s) where the workers run", " and ".join(track),
+                    " and ".join(track), " and ".join(config_key(v[4:].lower()) for v in track),
+                )
+            if "CIO_APP_API_KEY" in missing and "app_credentials_missing" not in ignore:
+                logger.warning(
+                    "cio_celery: CIO_APP_API_KEY not set: transactional sends (send_email ...) will be "
+                    "dead-lettered as not_configured; set CIO_APP_API_KEY (or CIO_CELERY_APP_API_KEY), or "
+                    "CIO_CELERY_HEALTH_IGNORE = ['app_credentials_missing'] if you use the Track API only",
+                )
+            log_configuration_problems(check_configuration(celery_app, settings), logger)
+        except Exception as exc:  # noqa: BLE001 - a warning must never stop the app factory
+            logger.warning("cio_celery: the start-up checks failed (%s)", type(exc).__name__)
 
     @staticmethod
     def _warn_if_not_current(celery_app: Any) -> None:

@@ -12,6 +12,11 @@ data: labels are operation names, retry reasons and breaker states.
 
 ``collect()`` never raises: when the store cannot be read (unreachable, misconfigured) it
 yields ``cio_celery_store_up 0`` and leaves the store's families out of that scrape.
+
+The health report's verdict comes with it: ``cio_celery_healthy``, ``cio_celery_problem{name}``
+(1 for each named problem of :mod:`cio_celery.health`, 0 for the others), and the depth and
+consumers of the ``cio`` and ``cio.fallback`` queues read from the broker (consumers on Redis
+from the workers' answers, cached for ``workers_cache`` seconds).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..breaker import Breaker
 from ..deadletters import DeadLetters
 from ..fallback import Fallback
+from ..health import DEFAULT_WORKERS_CACHE, PROBLEM_NAMES, health_report
 from ..settings import Settings, settings_for_app
 from ..spool import spool_depth
 from ..store import key, redis_for
@@ -46,10 +52,14 @@ class CioCollector(Collector):  # type: ignore[misc]
     """Breaker state, time left and trips; fallback depth; dead letters; spool depth;
     suppressed duplicates by operation and retries by reason; ``cio_celery_store_up``."""
 
-    def __init__(self, app: Any, settings: Settings | None = None) -> None:
+    def __init__(
+        self, app: Any, settings: Settings | None = None, *, health: dict[str, Any] | None = None,
+    ) -> None:
         self.app = app
         self._settings = settings
         self._last_error: str | None = None
+        #: Keyword arguments of health_report (thresholds, ``ignore`` ...) for the health families.
+        self.health_options: dict[str, Any] = {"workers_cache": DEFAULT_WORKERS_CACHE, **(health or {})}
 
     @property
     def settings(self) -> Settings:
@@ -71,6 +81,7 @@ class CioCollector(Collector):  # type: ignore[misc]
             self._note_error(None)
         yield up
         yield from families
+        yield from self._health()
         spool = GaugeMetricFamily("cio_celery_spool_depth",
                                   "Operations waiting in this host's local enqueue spool (broker unreachable).")
         try:
@@ -79,6 +90,33 @@ class CioCollector(Collector):  # type: ignore[misc]
             pass
         else:
             yield spool
+
+    def _health(self) -> Iterator[Metric]:
+        try:
+            report = health_report(self.app, self._settings, **self.health_options)
+        except Exception:  # noqa: BLE001 - health_report does not raise; a bad option must not fail a scrape
+            return
+        healthy = GaugeMetricFamily("cio_celery_healthy", "1 when the health report finds no problem (as /cio/health).")
+        healthy.add_metric([], 1 if report.healthy else 0)
+        yield healthy
+        problem = GaugeMetricFamily("cio_celery_problem",
+                                    "1 for each named problem of the health report, 0 for the others.", labels=["name"])
+        found = set(report.problem_names)
+        for name in PROBLEM_NAMES:
+            problem.add_metric([name], 1 if name in found else 0)
+        yield problem
+        if report.queues:
+            depth = GaugeMetricFamily("cio_celery_queue_depth", "Messages waiting in the queue, read from the broker.",
+                                      labels=["queue"])
+            consumers = GaugeMetricFamily("cio_celery_queue_consumers",
+                                          "Workers consuming the queue (Redis: those that answered the broadcast).",
+                                          labels=["queue"])
+            for name, q in report.queues.items():
+                depth.add_metric([name], q.get("depth") or 0)
+                if q.get("consumers") is not None:
+                    consumers.add_metric([name], q["consumers"])
+            yield depth
+            yield consumers
 
     def _note_error(self, error: str | None) -> None:
         # Once per change, not once per scrape: a store down for an hour is one line.
@@ -130,8 +168,15 @@ class CioCollector(Collector):  # type: ignore[misc]
         yield retries
 
 
-def register(app: Any, registry: CollectorRegistry = REGISTRY, settings: Settings | None = None) -> CioCollector:
-    """Register a :class:`CioCollector` for ``app`` on ``registry`` and return it."""
-    collector = CioCollector(app, settings)
+def register(
+    app: Any, registry: CollectorRegistry = REGISTRY, settings: Settings | None = None,
+    health: dict[str, Any] | None = None,
+) -> CioCollector:
+    """Register a :class:`CioCollector` for ``app`` on ``registry`` and return it.
+
+    ``health`` holds keyword arguments of :func:`cio_celery.health.health_report`
+    (``max_dead_letters``, ``ignore=("app_credentials_missing",)`` ...).
+    """
+    collector = CioCollector(app, settings, health=health)
     registry.register(collector)
     return collector

@@ -12,7 +12,7 @@ id                      problem
 ``cio_celery.E006``     ``redis_alias`` names no cache in CACHES
 ``cio_celery.E007``     ``redis_alias`` names a cache that is not django-redis
 ``cio_celery.E008``     both ``redis_alias`` and ``redis_url`` are set
-``cio_celery.E009``     ``health_max_dead_letters`` / ``health_max_fallback_depth`` is not a count
+``cio_celery.E009``     a ``health_*`` key is invalid (a count, seconds, or problem names)
 ``cio_celery.E010``     the Celery configuration breaks a guarantee (``check_configuration`` error)
 ``cio_celery.W010``     the Celery configuration weakens a guarantee (``check_configuration`` warning)
 ``cio_celery.W002``     the Celery app in use was not configured from CIO_CELERY

@@ -43,7 +43,10 @@ __all__ = [
 SETTING_NAME = "CIO_CELERY"
 
 #: Keys of ``CIO_CELERY`` that are not cio_celery settings but belong to the integration.
-DJANGO_ONLY_KEYS = ("celery_app", "redis_alias", "health_max_dead_letters", "health_max_fallback_depth")
+DJANGO_ONLY_KEYS = (
+    "celery_app", "redis_alias", "health_max_dead_letters", "health_max_fallback_depth", "health_max_spool_age",
+    "health_ignore",
+)
 
 DJANGO_REDIS_BACKEND = "django_redis.cache.RedisCache"
 
@@ -204,10 +207,13 @@ def cio_settings() -> Settings:
 _THRESHOLDS = (("health_max_dead_letters", "max_dead_letters"), ("health_max_fallback_depth", "max_fallback_depth"))
 
 
-def health_thresholds(config: DjangoConfig | None = None) -> dict[str, int | None]:
-    """``max_dead_letters`` / ``max_fallback_depth`` for :func:`cio_celery.health.health_report`."""
+def health_thresholds(config: DjangoConfig | None = None) -> dict[str, Any]:
+    """``max_dead_letters``, ``max_fallback_depth``, ``max_spool_age`` and ``ignore`` for
+    :func:`cio_celery.health.health_report`, from ``CIO_CELERY['health_*']``."""
+    from cio_celery.health import DEFAULT_MAX_SPOOL_AGE, PROBLEM_NAMES
+
     config = read_config() if config is None else config
-    out: dict[str, int | None] = {}
+    out: dict[str, Any] = {}
     for key, arg in _THRESHOLDS:
         value = config.raw.get(key)
         if isinstance(value, str) and value.strip().isdigit():
@@ -215,6 +221,15 @@ def health_thresholds(config: DjangoConfig | None = None) -> dict[str, int | Non
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigurationError(django_key(key), "must be a whole number, 0 or more")
         out[arg] = value
+    age = config.raw.get("health_max_spool_age", DEFAULT_MAX_SPOOL_AGE)
+    if isinstance(age, bool) or not isinstance(age, (int, float)) or not age > 0:
+        raise ConfigurationError(django_key("health_max_spool_age"), "must be a number of seconds, more than 0")
+    out["max_spool_age"] = float(age)
+    ignore = config.raw.get("health_ignore") or ()
+    if isinstance(ignore, str) or not all(isinstance(n, str) and n in PROBLEM_NAMES for n in ignore):
+        raise ConfigurationError(django_key("health_ignore"),
+                                 "must be a list of problem names such as ['app_credentials_missing']")
+    out["ignore"] = tuple(ignore)
     return out
 
 
