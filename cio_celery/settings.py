@@ -3,20 +3,36 @@
 Sources, lowest precedence first: defaults, environment variables (``CIO_*``), then an
 explicit mapping (the Celery app's ``cio_*`` conf keys, Django's ``CIO_CELERY`` dict or
 Flask's ``CIO_CELERY_*`` keys). Nothing else in the package reads configuration.
+
+Importing this module also makes Celery hide the package's URL and id settings wherever it
+prints configuration (see :func:`mask_in_celery_reports`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Final
+from urllib.parse import SplitResult, urlsplit
 
 from .exceptions import ConfigurationError
 
-__all__ = ["SETTINGS", "Setting", "Settings", "build_settings", "configure", "settings_for_app"]
+__all__ = [
+    "CELERY_HIDDEN_KEYS",
+    "SETTINGS",
+    "Setting",
+    "Settings",
+    "build_settings",
+    "configure",
+    "mask_in_celery_reports",
+    "settings_for_app",
+]
+
+logger = logging.getLogger("cio_celery")
 
 REGION_HOSTS = {
     "us": ("https://track.customer.io", "https://api.customer.io"),
@@ -165,6 +181,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool_flush_interval", "CIO_SPOOL_FLUSH_INTERVAL", float,
         "Seconds between two attempts to flush the spool to the broker.",
     ),
+    Setting("spool_max_bytes", "CIO_SPOOL_MAX_BYTES", int,
+        "Most bytes of messages (their JSON) the spool holds, quarantined rows included; when it is "
+        "full `.delay()` raises `EnqueueError` (nothing is dropped).",
+    ),
+    Setting("spool_max_attempts", "CIO_SPOOL_MAX_ATTEMPTS", int,
+        "Failed flushes of one row, with the broker answering, before the row is moved to the "
+        "spool's quarantine and the rows behind it flow on.",
+    ),
     Setting("batch_drain", "CIO_BATCH_DRAIN", _bool,
         "Release parked Track-API operations after an outage as `/api/v2/batch` requests "
         "(up to 500 KB each) instead of one request per operation.",
@@ -202,7 +226,7 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 class Settings:
     """Validated configuration of cio_celery; build it with :func:`build_settings`."""
 
-    site_id: str | None = None
+    site_id: str | None = dataclasses.field(default=None, repr=False)
     track_api_key: str | None = dataclasses.field(default=None, repr=False)
     app_api_key: str | None = dataclasses.field(default=None, repr=False)
     region: str = "us"
@@ -245,6 +269,8 @@ class Settings:
     on_broker_error: str = "spool"
     spool_dir: str | None = None
     spool_flush_interval: float = 1.0
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_max_attempts: int = 5
     batch_drain: bool = True
     batch_max_operations: int = 1000
     rate_limit_track: float = 100.0
@@ -332,21 +358,61 @@ def _ambiguous_map(spec: str) -> dict[str, str]:
     return out
 
 
+def _split_url(name: str, url: Any) -> SplitResult:
+    """``urlsplit`` with its port parsed, every failure a ConfigurationError naming the setting.
+
+    The messages never hold the URL: it may carry a password.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(name, f"must be a URL string, not {type(url).__name__}")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigurationError(name, "must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [IPv6] bracket, for one
+        raise ConfigurationError(name, "is not a valid URL") from None
+    try:
+        parts.port  # noqa: B018 - read for its ValueError
+    except ValueError:  # not a number, or out of range
+        raise ConfigurationError(name, "has an invalid port") from None
+    return parts
+
+
+def _validate_redis_url(url: str) -> None:
+    parts = _split_url("redis_url", url)
+    if parts.scheme not in {"redis", "rediss", "unix", "django-redis"}:
+        raise ConfigurationError(
+            "redis_url", "must be a redis://, rediss:// or unix:// URL, or django-redis://<cache alias>"
+        )
+    if parts.scheme == "django-redis":
+        if not parts.netloc:
+            raise ConfigurationError("redis_url", "must name a cache alias: django-redis://<alias>")
+        return
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigurationError("redis_url", "must name a socket path: unix:///path/to/redis.sock")
+        return
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigurationError("redis_url", "must end with a database number (/0, /1 ...) or nothing")
+
+
 def _validate(s: Settings) -> None:
     if s.region not in REGION_HOSTS:
         raise ConfigurationError("region", f"must be one of {sorted(REGION_HOSTS)}")
     for name in ("track_url", "app_url"):
         url = getattr(s, name)
         if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme not in {"http", "https"} or not parts.netloc:
+            parts = _split_url(name, url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
                 raise ConfigurationError(name, "must be an http(s) base URL such as https://host[:port]")
             if parts.query or parts.fragment:
                 raise ConfigurationError(name, "must not contain a query or fragment")
-    if s.redis_url is not None and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix", "django-redis"}:
-        raise ConfigurationError(
-            "redis_url", "must be a redis://, rediss:// or unix:// URL, or django-redis://<cache alias>"
-        )
+            if parts.username is not None or parts.password is not None:
+                raise ConfigurationError(name, "must not contain credentials (user:password@); "
+                                         "the API keys are settings of their own")
+    if s.redis_url is not None:
+        _validate_redis_url(s.redis_url)
     if not s.key_prefix or any(c in s.key_prefix for c in "{} "):
         raise ConfigurationError("key_prefix", "must be non-empty without braces or spaces")
     for name in ("timeout", "retry_backoff_base", "retry_backoff_max", "retry_after_max",
@@ -395,6 +461,10 @@ def _validate(s: Settings) -> None:
     for name in ("enqueue_timeout", "spool_flush_interval"):
         if not getattr(s, name) > 0:
             raise ConfigurationError(name, "must be greater than 0")
+    if s.spool_max_bytes < 1024 * 1024:
+        raise ConfigurationError("spool_max_bytes", "must be at least 1048576 (1 MiB)")
+    if s.spool_max_attempts < 1:
+        raise ConfigurationError("spool_max_attempts", "must be at least 1")
     if s.on_broker_error not in {"spool", "raise"}:
         raise ConfigurationError("on_broker_error", "must be 'spool' or 'raise'")
     if s.idempotency_lease is not None and s.idempotency_lease <= min(s.timeout, s.task_time_limit):
@@ -463,7 +533,10 @@ def _build_for_app(app: Any, overrides: Mapping[str, Any], source: str) -> Setti
     base.update(overrides)
     settings = build_settings(base, source=source)
     if settings.redis_url is None and broker_redis is not None:
-        settings = settings.with_changes(redis_url=broker_redis)
+        try:
+            settings = settings.with_changes(redis_url=broker_redis)
+        except ConfigurationError as exc:
+            raise ConfigurationError("broker_url (the default redis_url)", exc.problem) from None
     return settings
 
 
@@ -486,3 +559,42 @@ def configure(app: Any, settings: Settings | None = None, **overrides: Any) -> S
         settings = _build_for_app(app, overrides, source="settings")
     app.__dict__[_APP_ATTR] = settings
     return settings
+
+
+# -- Celery's configuration printouts ---------------------------------------------------------
+
+CELERY_HIDDEN_KEYS: Final = r"(?:^|_)cio_(?:redis_url|track_url|app_url|site_id|spool_dir)$"
+"""Celery conf keys of this package that Celery's printouts must hide (case-insensitive).
+
+The API keys (``cio_track_api_key``, ``cio_app_api_key``) already match Celery's own
+pattern (``KEY``); the store URL, which holds the Redis password, did not.
+"""
+
+
+def mask_in_celery_reports() -> bool:
+    """Make ``celery report``, ``inspect conf`` and Flower hide the package's URLs and ids.
+
+    Celery masks a conf key when it matches ``celery.app.utils.HIDDEN_SETTINGS``
+    (``API|TOKEN|KEY|SECRET|PASS|...``), and masks ``broker_url`` and ``*backend*`` keys
+    specially (``filter_hidden_settings``); ``cio_redis_url`` matched none of them. The
+    pattern is read at each call, so extending it here covers every printout: ``celery
+    report`` (``bugreport`` -> ``conf.humanize``), ``inspect conf`` (the worker's ``conf``
+    control command -> ``conf.table``) and Flower (which asks the workers the same way).
+    The ``celery`` command imports this module through the ``cio`` sub-command's entry
+    point, and workers import it with the tasks. Idempotent; False if Celery has changed
+    and the pattern could not be extended (``cio_celery.checks`` can report it).
+    """
+    try:
+        from celery.app import utils as celery_utils
+    except ImportError:  # pragma: no cover - celery is a dependency
+        return False
+    pattern = getattr(celery_utils, "HIDDEN_SETTINGS", None)
+    if not isinstance(pattern, re.Pattern) or not callable(getattr(celery_utils, "filter_hidden_settings", None)):
+        logger.warning("cio_celery: Celery's HIDDEN_SETTINGS is missing; cio_redis_url may be shown unmasked")
+        return False
+    if CELERY_HIDDEN_KEYS not in pattern.pattern:
+        celery_utils.HIDDEN_SETTINGS = re.compile(f"{pattern.pattern}|{CELERY_HIDDEN_KEYS}", pattern.flags | re.I)
+    return True
+
+
+mask_in_celery_reports()

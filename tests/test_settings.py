@@ -59,6 +59,21 @@ def test_settings_are_frozen() -> None:
         ({"key_prefix": "a{b}"}, {}, "key_prefix"),
         ({}, {"CIO_TIMEOUT": "fast"}, "CIO_TIMEOUT"),
         ({"no_such_thing": 1}, {}, "settings.no_such_thing"),
+        ({"redis_url": "redis://[::1"}, {}, "redis_url"),
+        ({"redis_url": "redis://:pw@host:99999/0"}, {}, "redis_url"),
+        ({"redis_url": "redis://:pw@host:port/0"}, {}, "redis_url"),
+        ({"redis_url": "redis://:pw@host:6379/zero"}, {}, "redis_url"),
+        ({"redis_url": "redis://:pw word@host/0"}, {}, "redis_url"),
+        ({"redis_url": "django-redis://"}, {}, "redis_url"),
+        ({"redis_url": "unix://"}, {}, "redis_url"),
+        ({"redis_url": 6379}, {}, "redis_url"),
+        ({}, {"CIO_REDIS_URL": "redis://[::1:6379/0"}, "redis_url"),
+        ({"track_url": "http://[::1"}, {}, "track_url"),
+        ({"track_url": "https://track.customer.io:70000"}, {}, "track_url"),
+        ({"app_url": "https://user:pw@api.customer.io"}, {}, "app_url"),
+        ({"app_url": "https://"}, {}, "app_url"),
+        ({"spool_max_bytes": 1000}, {}, "spool_max_bytes"),
+        ({"spool_max_attempts": 0}, {}, "spool_max_attempts"),
     ],
 )
 def test_bad_configuration_names_the_setting(overrides: dict, env: dict, setting: str) -> None:
@@ -69,9 +84,28 @@ def test_bad_configuration_names_the_setting(overrides: dict, env: dict, setting
 
 
 def test_secrets_are_not_in_the_repr() -> None:
-    s = build_settings({"track_api_key": "TOPSECRET1", "app_api_key": "TOPSECRET2",
+    s = build_settings({"track_api_key": "TOPSECRET1", "app_api_key": "TOPSECRET2", "site_id": "SITE-SECRET",
                         "redis_url": "redis://:pw-SECRET@h:1/0"}, environ={})
     assert "TOPSECRET" not in repr(s) and "pw-SECRET" not in repr(s)
+    assert "SITE-SECRET" not in repr(s) and "site_id" not in repr(s)
+    assert "SECRET" not in str(s)
+
+
+def test_a_malformed_url_error_never_holds_the_url() -> None:
+    for bad in ("redis://:pw-SECRET@[::1", "redis://:pw-SECRET@h:99999/0", "redis://:pw-SECRET@h/db"):
+        with pytest.raises(ConfigurationError) as info:
+            build_settings({"redis_url": bad}, environ={})
+        assert "SECRET" not in str(info.value) and info.value.__cause__ is None
+        assert info.value.__context__ is None or info.value.__suppress_context__  # no ValueError text
+
+
+def test_a_malformed_broker_url_used_as_the_store_names_the_broker_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CIO_REDIS_URL", raising=False)
+    app = Celery("t", broker="redis://:pw-SECRET@127.0.0.1:99999/0", set_as_current=False)
+    with pytest.raises(ConfigurationError) as info:
+        settings_for_app(app)
+    assert info.value.setting == "broker_url (the default redis_url)"
+    assert "SECRET" not in str(info.value)
 
 
 def test_every_setting_is_a_field_and_documented() -> None:

@@ -25,8 +25,9 @@ from cio_celery.testing.redis_server import RedisServer, free_port
 SECRET = "s3cretpw"
 
 
-def make_app(broker: str, spool_dir: Path, **cio: Any) -> Celery:
-    app = Celery(f"spooltest-{time.monotonic_ns()}", broker=broker, set_as_current=False)
+def make_app(broker: str, spool_dir: Path, name: str | None = None, **cio: Any) -> Celery:
+    """An app of its own (a unique main name unless ``name`` says which app this process runs)."""
+    app = Celery(name or f"spooltest-{time.monotonic_ns()}", broker=broker, set_as_current=False)
     cio = {"spool_flush_interval": 0.1, "site_id": "site", "track_api_key": "trk-key", **cio}
     app.conf.update(
         broker_connection_retry_on_startup=False,
@@ -219,11 +220,11 @@ def test_spool_flushes_in_order_when_broker_returns(tmp_path: Path) -> None:
 def test_leftovers_of_another_process_go_first(tmp_path: Path) -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    dead = make_app(url, tmp_path, spool_flush_interval=3600.0)
+    dead = make_app(url, tmp_path, "web", spool_flush_interval=3600.0)
     left = [dead.tasks["cio_celery.identify"].delay(f"u{i}").id for i in range(3)]
     publisher_for(dead).stop()
     with RedisServer(port=port):
-        fresh = make_app(url, tmp_path)
+        fresh = make_app(url, tmp_path, "web")  # the same app in another process
         new = fresh.tasks["cio_celery.identify"].delay("u9").id
         wait_for(lambda: spool_depth(fresh) == 0)
         assert queued_ids(url) == [*left, new]
