@@ -91,3 +91,31 @@ def test_failing_deliveries_leak_no_secret_or_customer_data(
     blob = "\n".join(texts)
     for secret in secrets:
         assert secret not in blob, f"leaked {secret!r}"
+
+
+def test_an_invalid_foreign_message_is_dead_lettered_without_its_keys_in_the_reason(
+    worker_app: Any, fake: FakeCustomerIO, all_logs: RecordingHandler, failures: list[BaseException]
+) -> None:
+    """A message published around enqueue validation (an older producer) with customer data as
+    dict keys: the worker's validation names the field by position, in the dead letter's
+    reason, the logs and the task's exception."""
+    from celery import Task
+
+    deep: Any = "leaf"
+    for _ in range(40):
+        deep = [deep]
+    data = {"plan": ATTRIBUTE, EMAIL: deep}
+    result = Task.apply_async(cio_celery.track, (PERSON, "ev", data), {"_cio": {"key": "foreign-2"}}, queue="cio")
+    store = DeadLetters(settings_for_app(worker_app), worker_app)
+    wait_until(lambda: store.count() == 1, timeout=20, what="one dead letter")
+    [entry] = store.list()
+    assert (entry.task_id, entry.reason) == (result.id, "invalid:data[<key 1>]")
+    texts = [entry.reason, str(entry.summary()), *all_logs.texts]
+    for record in all_logs.records:
+        if record.exc_info:
+            texts.append("".join(traceback.format_exception(*record.exc_info)))
+    texts.extend(f"{exc!s} {exc!r}" for exc in failures)
+    blob = "\n".join(texts)
+    for secret in (EMAIL, ATTRIBUTE, PERSON, "lovelace", "leaky.person"):
+        assert secret not in blob, f"leaked {secret!r}"
+    assert fake.requests == []
