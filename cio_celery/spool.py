@@ -992,8 +992,15 @@ _PUBLISHERS: PerProcess[SpoolingPublisher] = PerProcess()
 
 
 def publisher_for(app: Any, settings: Settings | None = None) -> SpoolingPublisher:
+    """The process's publisher of ``app``'s spool (one per app, broker and spool directory).
+
+    Looked up on every ``.delay()``, so keyed by the app and its (frozen) settings object:
+    reading Celery's conf or hashing the file name here costs tens of microseconds. The file
+    is named once, when the publisher is built; Celery's producer pool, too, keeps the broker
+    URL it was first built with.
+    """
     s = settings or settings_for_app(app)
-    return _PUBLISHERS.get((id(app), spool_file(app, s)), lambda: SpoolingPublisher(app, s))
+    return _PUBLISHERS.get((id(app), id(s)), lambda: SpoolingPublisher(app, s))
 
 
 def spool_for(app: Any) -> Spool:
