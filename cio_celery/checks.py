@@ -257,27 +257,25 @@ def _broker_is_redis(app: Any) -> bool:
 def _check_transport(app: Any) -> list[ConfigProblem]:
     """The broker's kombu transport imports: a missing dependency (kombu's Redis transport needs
     ``packaging``, from ``celery[redis]``) makes every publish fail and every worker die at start."""
+    url = str(app.conf.broker_write_url or app.conf.broker_url or "amqp://")
+    scheme = url.split("://")[0].split("+")[0]
     try:
         from kombu.transport import resolve_transport
 
-        conn = app.connection_for_write()
+        conn = app.connection_for_write()  # kombu imports the transport here already
         try:
-            name = conn.transport_cls
+            resolve_transport(conn.transport_cls)
         finally:
             conn.release()
-    except Exception:  # noqa: BLE001 - a broker URL Celery cannot parse is Celery's to report
-        return []
-    try:
-        resolve_transport(name)
     except ImportError as exc:
         return [ConfigProblem(
             "broker_url",
-            f"the broker's transport {str(name).split(':')[0]!r} cannot be loaded ({type(exc).__name__}: {exc}): "
+            f"the broker's transport {scheme!r} cannot be loaded ({type(exc).__name__}: {exc}): "
             "workers die at start and .delay() spools every operation; install it with pip install "
             "'celery[redis]' (a dependency of cio-celery: reinstall the package)",
             ERROR,
         )]
-    except Exception:  # noqa: BLE001, S110 - unknown transport names are Celery's to report
+    except Exception:  # noqa: BLE001, S110 - a URL or transport name Celery cannot parse is Celery's to report
         pass
     return []
 

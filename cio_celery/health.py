@@ -301,7 +301,7 @@ class _Builder:
 
     def _spool(self, s: Settings, max_age: float | None) -> None:
         try:
-            depth, age = _spool_stats(os.path.join(s.spool_path, "spool.db"))
+            depth, age = _spool_stats(self.app, s)
         except Exception as exc:  # noqa: BLE001
             self.add("spool_unreadable", f"this host's spool cannot be read ({type(exc).__name__})",
                      "check the permissions and free space of CIO_SPOOL_DIR", setting="CIO_SPOOL_DIR")
@@ -318,6 +318,11 @@ class _Builder:
         """Reachability, a write, and the queues' depths (and consumers where the broker counts them)."""
         try:
             conn = self.app.connection_for_write()
+        except ImportError as exc:  # the transport is imported when the URL is parsed
+            self.out["broker"] = {"transport": _scheme_of(self.app), "reachable": _url_reachable(self.app),
+                                  "publish_ok": False}
+            self._transport_missing(exc)
+            return False
         except Exception as exc:  # noqa: BLE001
             self.add("broker_publish_failing", f"the broker URL cannot be used ({type(exc).__name__})",
                      "check broker_url (CELERY_BROKER_URL)", setting="broker_url")
@@ -340,10 +345,7 @@ class _Builder:
             try:
                 queues = self._probe(conn, scheme, s)
             except ImportError as exc:
-                self.add("broker_publish_failing", f"the broker answers but its transport cannot be loaded "
-                         f"({type(exc).__name__}: {exc}); .delay() spools every operation",
-                         "pip install 'celery[redis]' for a Redis broker (cio-celery depends on it; "
-                         "reinstall it)", setting="broker_url")
+                self._transport_missing(exc)
                 return False
             except Exception as exc:  # noqa: BLE001 - auth refused, read-only replica, out of memory ...
                 self.add("broker_publish_failing", f"the broker answers but refuses this process's writes "
@@ -356,6 +358,12 @@ class _Builder:
             return True
         finally:
             conn.release()
+
+    def _transport_missing(self, exc: ImportError) -> None:
+        self.add("broker_publish_failing", f"the broker's transport cannot be loaded ({type(exc).__name__}: {exc}); "
+                 "workers die at start and .delay() spools every operation",
+                 "pip install 'celery[redis]' for a Redis broker (cio-celery depends on it: reinstall it)",
+                 setting="broker_url")
 
     def _probe(self, conn: Any, scheme: str, s: Settings | None) -> dict[str, dict[str, Any]]:
         names = _queue_names(s)
@@ -433,12 +441,17 @@ class _Builder:
                      setting=variables[0])
 
 
-def _spool_stats(path: str) -> tuple[int, float | None]:
-    """Rows and the oldest row's age of a spool file, read on a short read-only connection.
+def _spool_stats(app: Any, s: Settings) -> tuple[int, float | None]:
+    """Pending rows and the oldest one's age of this host's spool, read on a short read-only
+    connection: a report must not create the spool, nor keep a connection to it open in a
+    process (a worker checking itself) that only looks."""
+    from . import spool
 
-    Not the publisher's own connection: a report must not create the spool, nor keep a
-    connection to it open in a process (a worker checking itself) that only looks.
-    """
+    stats = getattr(spool, "spool_stats", None)
+    if stats is not None:  # one spool file per app and broker
+        found = stats(app, s)
+        return int(found.depth), found.oldest_age
+    path = os.path.join(s.spool_path, "spool.db")
     if not os.path.exists(path):
         return 0, None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
@@ -455,6 +468,31 @@ def _address(conn: Any, scheme: str) -> tuple[str, int] | None:
     if scheme not in default or not conn.hostname:
         return None
     return str(conn.hostname), int(conn.port or default[scheme])
+
+
+def _broker_url(app: Any) -> str:
+    url = app.conf.broker_write_url or app.conf.broker_url or ""
+    return str(url).split(";")[0]
+
+
+def _scheme_of(app: Any) -> str:
+    return _broker_url(app).split("://")[0].split("+")[0] or "amqp"
+
+
+def _url_reachable(app: Any) -> bool | None:
+    """A plain TCP connect to the broker URL's host and port (None: not a TCP URL)."""
+    from urllib.parse import urlsplit
+
+    default = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
+    parts = urlsplit(_broker_url(app))
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in default or not parts.hostname:
+        return None
+    try:
+        socket.create_connection((parts.hostname, parts.port or default[scheme]), timeout=2.0).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _queue_names(s: Settings | None) -> list[str]:
