@@ -307,3 +307,33 @@ def test_the_example_app_delivers_and_reports_health(
     finally:
         flask_celery.set_current()
         example_celery.close()
+
+
+def test_init_app_warns_about_missing_credentials_and_celery_settings_with_the_fix(
+    private_celery: Celery, store_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for var in ("CIO_SITE_ID", "CIO_TRACK_API_KEY", "CIO_APP_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    app = Flask("no-credentials")
+    app.config.update(CIO_CELERY_REDIS_URL=store_url, CIO_CELERY_SITE_ID="")  # "" means unset
+    private_celery.conf.worker_prefetch_multiplier = 4
+    with caplog.at_level(logging.WARNING, logger="cio_celery.contrib.flask"):
+        CioCelery(app, celery=private_celery)
+    messages = [r.getMessage() for r in caplog.records]
+    track = [m for m in messages if "Track operations" in m]
+    assert track == ["cio_celery: CIO_SITE_ID and CIO_TRACK_API_KEY not set: Track operations (identify, track ...) "
+                     "will be dead-lettered as not_configured; set CIO_SITE_ID and CIO_TRACK_API_KEY (or "
+                     "CIO_CELERY_SITE_ID and CIO_CELERY_TRACK_API_KEY) where the workers run"]
+    assert any("CIO_APP_API_KEY not set" in m and "CIO_CELERY_HEALTH_IGNORE" in m for m in messages)
+    prefetch = [m for m in messages if "worker_prefetch_multiplier" in m]
+    assert prefetch and "recommended_celery_config()" in prefetch[0]
+
+    # With the credentials (and the Track-only opt-out) it is silent about them.
+    caplog.clear()
+    app2 = Flask("with-credentials")
+    app2.config.update(CIO_CELERY_REDIS_URL=store_url, CIO_CELERY_SITE_ID="s", CIO_CELERY_TRACK_API_KEY="t",
+                       CIO_CELERY_HEALTH_IGNORE=["app_credentials_missing"])
+    with caplog.at_level(logging.WARNING, logger="cio_celery.contrib.flask"):
+        CioCelery(app2, celery=private_celery)
+    assert not [r for r in caplog.records if "not set" in r.getMessage()]
+    assert CioCelery.state(app2).ignore == ("app_credentials_missing",)

@@ -212,3 +212,38 @@ def test_store_outage_and_recovery(tmp_path: Path) -> None:
         server.start()
         wait_for(lambda: scrape(registry)[("cio_celery_store_up", ())] == 1, timeout=10)
         assert scrape(registry)[("cio_celery_dead_letters", ())] == 0
+
+
+def test_the_health_verdict_and_the_queues_as_metrics(worker_app: Any, redis_base_url: str, tmp_path: Path) -> None:
+    from cio_celery.health import PROBLEM_NAMES, forget_workers
+
+    forget_workers()
+    m = scrape(fresh(worker_app))
+    assert m[("cio_celery_healthy", ())] == 1
+    assert all(m[("cio_celery_problem", (("name", n),))] == 0 for n in PROBLEM_NAMES)
+    # The embedded worker consumes both queues; Redis counts no consumers: the workers answered.
+    assert m[("cio_celery_queue_consumers", (("queue", "cio"),))] == 1
+    assert m[("cio_celery_queue_consumers", (("queue", "cio.fallback"),))] == 1
+
+    # An app whose queues nobody consumes: one operation waits, read from the broker.
+    broker = f"{redis_base_url}/10"
+    redis.Redis.from_url(broker).flushdb()
+    lonely = Celery("prom-no-worker", broker=broker, include=["cio_celery.tasks"], set_as_current=False)
+    settings = Settings(redis_url=settings_for_app(worker_app).redis_url, spool_dir=str(tmp_path), site_id="s",
+                        track_api_key="t", app_api_key="a")
+    cio_celery.configure(lonely, settings)
+    try:
+        lonely.tasks["cio_celery.identify"].delay("user-prom")
+        registry = CollectorRegistry()
+        register(lonely, registry, settings=settings, health={"inspect_timeout": 0.3, "ignore": ("spool_stale",)})
+        m = scrape(registry)
+        assert m[("cio_celery_healthy", ())] == 0
+        assert m[("cio_celery_problem", (("name", "queue_not_consumed"),))] == 1
+        assert m[("cio_celery_problem", (("name", "breaker_open"),))] == 0
+        assert m[("cio_celery_queue_depth", (("queue", "cio"),))] == 1
+        assert m[("cio_celery_queue_consumers", (("queue", "cio"),))] == 0
+    finally:
+        from cio_celery.spool import publisher_for
+
+        publisher_for(lonely).stop()
+        redis.Redis.from_url(broker).flushdb()
