@@ -339,3 +339,39 @@ def test_a_real_worker_warns_at_start(tmp_path: Any, redis_base_url: str, store_
     assert "cio_celery configuration: worker_prefetch_multiplier: is 4" in log
     # It consumes the operations' queue and the fallback queue: neither is reported.
     assert "CIO_QUEUE" not in log and "CIO_FALLBACK_QUEUE" not in log
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CIO_TIMEOUT", "abc"), ("CIO_REDIS_URL", "http://user:pw@example.invalid/0"), ("CIO_REGION", "mars"),
+     ("CIO_TASK_TIME_LIMIT", "soon"), ("CIO_MAX_RETRIES", "-1")],
+)
+def test_recommended_config_never_raises_on_the_environment(
+    monkeypatch: pytest.MonkeyPatch, broker_url: str, variable: str, value: str
+) -> None:
+    """A project's celery.py calls it at import: a bad value must reach the checks, not a traceback."""
+    monkeypatch.setenv(variable, value)
+    config = recommended_celery_config()
+    assert config["broker_transport_options"]["visibility_timeout"] == 3600.0  # the defaults' figure
+    # The checks then name the variable that was set.
+    problems = check_configuration(make_app(broker_url, **config))
+    assert [p.setting for p in problems if p.severity == "error"] == [variable], problems
+
+
+def test_recommended_config_still_follows_good_environment_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIO_VISIBILITY_TIMEOUT", "7200")
+    monkeypatch.setenv("CIO_TIMEOUT", "abc")  # ignored here, reported by the checks
+    assert recommended_celery_config()["broker_transport_options"]["visibility_timeout"] == 7200.0
+
+
+def test_where_set_names_the_source_of_a_value(monkeypatch: pytest.MonkeyPatch, broker_url: str) -> None:
+    from cio_celery.checks import where_set
+
+    app = make_app(broker_url, cio_timeout=5)
+    monkeypatch.delenv("CIO_TIMEOUT", raising=False)
+    assert where_set("timeout", app) == "cio_timeout"
+    assert where_set("celery conf cio.timeout", app) == "cio_timeout"
+    monkeypatch.setenv("CIO_TIMEOUT", "5")
+    assert where_set("timeout", app) == "CIO_TIMEOUT"
+    assert where_set("region", None) == "CIO_REGION"
+    assert where_set("CIO_CELERY['region']", app) == "CIO_CELERY['region']"

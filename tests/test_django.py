@@ -383,3 +383,30 @@ def test_check_warns_when_the_current_celery_app_was_created_after_django_starte
     assert len(w002) == 1 and "'created_late'" in w002[0].msg and not w002[0].is_serious()
     assert "cio_celery.W002" not in ids(cio_checks())  # the session app was configured at start-up
     late.close()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "text"),
+    [
+        ("CIO_TIMEOUT", "abc", "CIO_TIMEOUT cannot be parsed"),
+        ("CIO_REGION", "mars", "CIO_REGION must be one of ['eu', 'us']"),
+    ],
+)
+def test_a_bad_environment_value_is_an_e003_naming_the_variable_and_health_says_so(
+    client: Any, dj: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, text: str
+) -> None:
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    monkeypatch.setenv(variable, value)
+    config = {k: v for k, v in dj.base.items() if k != "timeout"}  # the environment decides
+    with override_settings(CIO_CELERY=config):
+        e003 = [m.msg for m in cio_checks() if m.id == "cio_celery.E003"]
+        out = io.StringIO()
+        with pytest.raises(SystemCheckError) as info:
+            call_command("check", stdout=out, stderr=out)
+        resp = client.get("/cio/health/")
+    assert [m for m in e003 if m.startswith(text)], e003
+    assert "cio_celery.E003" in str(info.value) and variable in str(info.value)
+    assert resp.status_code == 503
+    assert any(p["name"] == "configuration_invalid" and p["message"].startswith(text) for p in resp.json()["problems"])
