@@ -35,6 +35,9 @@ from tests.workers import WorkerProcess
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "trk-SECRET-health-never-printed"
 
+# Real worker subprocesses, several per test: in the README's test command (CI), not in the tox corners.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def env(redis_base_url: str, tmp_path: Path, fake: FakeCustomerIO) -> Iterator[dict[str, str]]:
