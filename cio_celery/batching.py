@@ -42,6 +42,7 @@ from .outcomes import DeadLetter, Delivered, Outcome, Park, Suppressed
 from .outcomes import Retry as RetryOutcome
 from .quarantine import Quarantine
 from .settings import Settings, settings_for_app
+from .store import combine, run_pipelined
 from .validation import normalize
 
 __all__ = ["BATCHABLE", "BATCH_TASK", "pack", "to_v2"]
@@ -194,6 +195,7 @@ class Plan:
     outcomes: list[Outcome | None]
     unreadable: list[tuple[Any, str]] = field(default_factory=list)
     retry: RetryOutcome | None = None
+    position: dict[int, int] = field(default_factory=dict)  # item index -> its claim's position
 
     def undecided(self) -> list[int]:
         return [i for i, o in enumerate(self.outcomes) if o is None]
@@ -264,12 +266,14 @@ def decide(task: Any, plan: Plan, batch_meta: Meta, guard: BatchGuard) -> None:
                         batch_meta.slot)
     claimed: list[tuple[int, int]] = []  # (position in the guard, item index)
     for pos, (i, claim) in enumerate(zip(todo, claims, strict=True)):
+        plan.position[i] = pos
         if claim is None or claim.owned:
             if claim is not None and claim.lost_attempts > s.max_retries:
                 plan.outcomes[i] = DeadLetter("worker_lost_repeatedly")
+                guard.hold([pos])
             else:
                 claimed.append((pos, i))
-        elif claim.state == "done":
+        elif claim.state in ("done", "dead"):
             plan.outcomes[i] = Suppressed()
         else:  # another worker is delivering it: look again later
             plan.outcomes[i] = Park(claim.held_for)
@@ -329,11 +333,12 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
             logger.warning("cio_celery batch %s: %s", type(outcome).__name__.lower(), type(exc).__name__,
                            extra={"cio_event": "batch_error", "cio_error": type(exc).__name__})
         guard.settle()
-        ending = act(self, settings, plan)
+        ending = act(self, settings, plan, guard)
+        guard.release_held(acted=ending.acted)
     return ending.finish()
 
 
-def act(task: Any, settings: Settings, plan: Plan) -> Ending:
+def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
     """Perform each item's action, then the batch's retry; any failure requeues the whole batch
     (already settled items come back as suppressed duplicates or are decided again)."""
     counts: dict[str, int] = {}
@@ -342,17 +347,25 @@ def act(task: Any, settings: Settings, plan: Plan) -> Ending:
             quarantine = Quarantine(settings)
             for entry, why in plan.unreadable:
                 quarantine.add("batch", json.dumps(entry, default=repr).encode(), why)
-        dead = [(plan.items[i], o) for i, o in enumerate(plan.outcomes) if isinstance(o, DeadLetter)]
+        dead = [(i, o) for i, o in enumerate(plan.outcomes) if isinstance(o, DeadLetter)]
         letters = DeadLetters(settings, task.app)
-        for item, o in dead:
+        writes = []
+        for i, o in dead:
+            item = plan.items[i]
             fresh = Meta(key=item.meta.key, enqueued_at=item.meta.enqueued_at, event_id=item.meta.event_id)
             e = item.with_meta(fresh)
-            letters.add(operation=item.operation, task_id=item.task_id, reason=o.reason, status=o.status,
-                        attempts=1, args=e["args"], kwargs=e["kwargs"])
+            add = letters.add_call(operation=item.operation, task_id=item.task_id, reason=o.reason,
+                                   status=o.status, attempts=1, args=e["args"], kwargs=e["kwargs"])
+            pos = plan.position.get(i)
+            # Each dead letter with its claim's mark, atomically; all of them in one round trip.
+            writes.append(combine([add, *(guard.dead_mark_calls(pos) if pos is not None else [])]))
+        if writes:
+            run_pipelined(settings, writes)
         fallback = Fallback(settings, task.app)
         parked = [plan.items[i].with_meta(plan.items[i].meta.changed(slot=0))
                   for i, o in enumerate(plan.outcomes) if isinstance(o, Park)]
-        fallback.park_many(parked)
+        if parked:
+            fallback.park_many(parked)
         alone = [plan.items[i] for i, o in enumerate(plan.outcomes) if o is ALONE]
         for item in alone:
             fallback.publish(item.with_meta(item.meta.changed(slot=0)))

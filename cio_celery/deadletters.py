@@ -17,7 +17,7 @@ from typing import Any
 from .meta import internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import key, redis_for, run_script
+from .store import ScriptCall, key, redis_for, run_script
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -90,6 +90,23 @@ class DeadLetters:
         args: Iterable[Any],
         kwargs: dict[str, Any],
     ) -> str:
+        call = self.add_call(operation=operation, task_id=task_id, reason=reason, status=status,
+                             attempts=attempts, args=args, kwargs=kwargs)
+        run_script(self.settings, call.text, call.keys, call.args)
+        return task_id
+
+    def add_call(
+        self,
+        *,
+        operation: str,
+        task_id: str,
+        reason: str,
+        status: int | None,
+        attempts: int,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+    ) -> ScriptCall:
+        """The script that adds one entry, to run with the claim's dead mark in one script."""
         entry = {
             "id": task_id,
             "operation": operation,
@@ -100,13 +117,12 @@ class DeadLetters:
             "args": list(args),
             "kwargs": kwargs,
         }
-        run_script(self.settings, _ADD, [self._items, self._index], [
+        return ScriptCall(_ADD, [self._items, self._index], [
             task_id,
             json.dumps(entry, separators=(",", ":")),
             self.settings.dead_letter_retention,
             self.settings.dead_letter_max,
         ])
-        return task_id
 
     def count(self) -> int:
         return int(self._redis.zcard(self._index))
@@ -218,6 +234,7 @@ class DeadLetters:
         done = 0
         for entry in entries:
             task = self.app.tasks[f"cio_celery.{entry.operation}"]
+            # A new task id: the claim's dead-letter mark stops only the dead-lettered message.
             with internal_publish():
                 task.apply_async(entry.args, entry.kwargs)
             self.delete(entry.id)

@@ -33,7 +33,7 @@ from .operations import api_of, perform
 from .outcomes import DeadLetter, Delivered, Outcome, Park, Requeue, Suppressed
 from .outcomes import Retry as RetryOutcome
 from .settings import Settings
-from .store import key, redis_for
+from .store import key, redis_for, run_scripts
 from .validation import normalize
 
 __all__ = ["REQUEUE_PAUSE", "Attempt", "Ending", "act", "decide", "deliver", "missing_credential"]
@@ -141,9 +141,9 @@ def deliver(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any], raw_meta:
         except Exception as exc:  # noqa: BLE001 - the catch-all: anything becomes a decision
             outcome = policy.after_exception(exc, attempt.meta, settings)
             _log_exception(task, exc, outcome)
-        in_doubt = isinstance(outcome, DeadLetter) and (outcome.in_doubt or guard.in_doubt)
-        guard.settle(hold=in_doubt)
-        ending = act(attempt, outcome)
+        # A dead letter keeps its claim, to mark it in the dead letter's own script.
+        guard.settle(hold=isinstance(outcome, DeadLetter))
+        ending = act(attempt, outcome, guard)
         guard.release_held(acted=ending.acted)
     return ending.finish()
 
@@ -169,7 +169,8 @@ def decide(attempt: Attempt, guard: Guard) -> Outcome:
         log(logging.WARNING, "store_unavailable", attempt.task, "unguarded", error=type(exc).__name__)
         guard.unguard()
     claim, permit, slot = guard.claim, guard.permit, guard.slot
-    if claim is not None and claim.state == "done":
+    if claim is not None and claim.state in ("done", "dead"):
+        # Delivered, or in dead letters, already: this is a redelivered or repeated copy.
         return Suppressed()
     if claim is not None and claim.state == "held":
         return policy.claim_held(claim.held_for, meta, s, random.random())
@@ -198,23 +199,23 @@ def decide(attempt: Attempt, guard: Guard) -> Outcome:
     return policy.after_failure(op, error, meta, attempt.retries, s)
 
 
-def act(attempt: Attempt, outcome: Outcome) -> Ending:
+def act(attempt: Attempt, outcome: Outcome, guard: Guard) -> Ending:
     """Perform the one action of ``outcome``; an action that fails becomes a requeue."""
     action = _ACTIONS[type(outcome)]
     try:
-        return action(attempt, outcome)
+        return action(attempt, outcome, guard)
     except Exception as exc:  # noqa: BLE001 - the action failed: the broker keeps the message
         what = type(outcome).__name__.lower()
         log(logging.ERROR, f"{what}_failed", attempt.task, "requeue", error=type(exc).__name__)
-        return _requeue(attempt, Requeue(f"{what} failed ({type(exc).__name__})"))
+        return _requeue(attempt, Requeue(f"{what} failed ({type(exc).__name__})"), guard)
 
 
-def _delivered(a: Attempt, o: Delivered) -> Ending:
+def _delivered(a: Attempt, o: Delivered, _g: Guard) -> Ending:
     log(logging.INFO, "delivered", a.task, "delivered")
     return Ending(result={"delivered": True, "attempts": a.spent + 1, **o.facts})
 
 
-def _suppressed(a: Attempt, o: Suppressed) -> Ending:
+def _suppressed(a: Attempt, o: Suppressed, _g: Guard) -> Ending:
     log(logging.INFO, "duplicate_suppressed", a.task, "suppressed")
     send_event(a.task, "task-cio-duplicate-suppressed")
     return Ending(result={"duplicate": True})
@@ -225,7 +226,7 @@ _RETRY_EVENTS = {"claimed_elsewhere": "claim_held", "rate_limited": "rate_limite
                  "store_unavailable": "store_unavailable", "store_error": "store_error"}
 
 
-def _retry(a: Attempt, o: RetryOutcome) -> Ending:
+def _retry(a: Attempt, o: RetryOutcome, _g: Guard) -> Ending:
     _count_retry(a.settings, o.reason)
     event = _RETRY_EVENTS.get(o.reason, "retry")
     log(logging.WARNING if event in {"retry", "store_unavailable", "store_error"} else logging.INFO,
@@ -240,7 +241,7 @@ def _retry(a: Attempt, o: RetryOutcome) -> Ending:
     raise RuntimeError("Task.retry returned without raising Retry")
 
 
-def _park(a: Attempt, o: Park) -> Ending:
+def _park(a: Attempt, o: Park, _g: Guard) -> Ending:
     """Reroute to the fallback store: no call, no attempt spent, no ETA held in memory."""
     meta = a.meta.changed(attempts_before=a.spent, free=0, slot=0)
     depth = Fallback(a.settings, a.task.app).park(a.operation, a.task_id, list(a.args), a.message_kwargs(meta))
@@ -249,27 +250,28 @@ def _park(a: Attempt, o: Park) -> Ending:
     return Ending(result={"parked": True})
 
 
-def _dead_letter(a: Attempt, o: DeadLetter) -> Ending:
+def _dead_letter(a: Attempt, o: DeadLetter, g: Guard) -> Ending:
     # A replay starts with a fresh budget: only the key, the event id and the enqueue time go on.
     meta = Meta(key=a.meta.key, enqueued_at=a.meta.enqueued_at, event_id=a.meta.event_id)
-    DeadLetters(a.settings, a.task.app).add(
+    add = DeadLetters(a.settings, a.task.app).add_call(
         operation=a.operation, task_id=a.task_id, reason=o.reason, status=o.status, attempts=a.spent + 1,
         args=list(a.args), kwargs=a.message_kwargs(meta),
     )
+    run_scripts(a.settings, [add, *g.dead_mark_calls()])
     log(logging.ERROR, "dead_lettered", a.task, "dead_letter", reason=o.reason, status=o.status)
     send_event(a.task, "task-cio-dead-lettered", reason=o.reason, status=o.status)
     # The task ends failed (Flower shows it), and the message is dropped: it is in dead letters.
     return Ending(error=PermanentError(a.operation, o.reason, status=o.status))
 
 
-def _requeue(a: Attempt, o: Requeue) -> Ending:
+def _requeue(a: Attempt, o: Requeue, _g: Guard) -> Ending:
     log(logging.ERROR, "requeued", a.task, "requeue", why=o.why)
     send_event(a.task, "task-cio-requeued")
     time.sleep(REQUEUE_PAUSE)
     return Ending(error=Reject(o.why, requeue=True), acted=False)
 
 
-_ACTIONS: dict[type, Callable[[Attempt, Any], Ending]] = {
+_ACTIONS: dict[type, Callable[[Attempt, Any, Guard], Ending]] = {
     Delivered: _delivered,
     Suppressed: _suppressed,
     RetryOutcome: _retry,

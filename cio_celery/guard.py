@@ -6,10 +6,11 @@ in between: used as a context manager, it settles on exit if nothing settled it 
 
 Settling tells the breaker what the call did (nothing, when no call was made), marks a
 delivered operation's claim done or releases it, and pauses the rate limiter after a 429. A
-delivered operation is settled the moment Customer.io answers, before anything else runs. A
-claim whose call may have been applied and that goes to dead letters is *held* until the dead
-letter is written (:meth:`Guard.release_held`): if it cannot be written, the claim ends with its
-lease and its attempt marker stays, so the next attempt knows that an earlier one never finished.
+delivered operation is settled the moment Customer.io answers, before anything else runs. The
+claim of an operation that goes to dead letters is *held*, and marked dead-lettered in the same
+script that writes the dead letter (:meth:`Guard.dead_mark_calls`): a copy redelivered after
+that stops, instead of calling again. If the dead letter cannot be written, the claim ends with
+its lease and its attempt marker stays, so the next attempt knows an earlier one never finished.
 
 Settling never raises: the outcome already decided stands, and a store that cannot take the
 update loses one breaker sample, or a done mark (logged: a redelivery could then go through).
@@ -152,7 +153,7 @@ class Guard(_Base):
         """
         calls: list[ScriptCall] = []
         if self.claims is not None:
-            call, self._claim_keys, self._token = self.claims.claim_call(self.operation, self.key)
+            call, self._claim_keys, self._token = self.claims.claim_call(self.operation, self.key, self.task_id)
             calls.append(call)
         more, permit_token = self._acquire_calls(held_slot)
         calls += more
@@ -212,8 +213,18 @@ class Guard(_Base):
         tail, record, outcome = self._tail_calls()
         self._send(calls + tail, n_claim, record, outcome, self._delivered, pipelined=False)
 
+    def dead_mark_calls(self) -> list[ScriptCall]:
+        """The claim's dead-letter mark, to run in one script with the dead letter itself: a
+        redelivered copy then stops instead of calling again. Empty when no claim is ours."""
+        if not self._held or self.claims is None or self._token is None or self._claim_keys is None:
+            return []
+        self._held = False
+        claim = self.claim or Claim("claimed", self._claim_keys, self._token)
+        return [self.claims.dead_call(claim, self.task_id)]
+
     def release_held(self, acted: bool) -> None:
-        """Release a claim held for an in-doubt dead letter, once the dead letter is written."""
+        """Release a claim held while its outcome was acted on, once it was (not when the action
+        failed: the claim then ends with its lease, and its attempt marker tells the next attempt)."""
         if not self._held:
             return
         self._held = False
@@ -232,7 +243,8 @@ class BatchGuard(_Base):
         self._keys: list[tuple[str, str]] = []
         self._tokens: list[str | None] = []
         self._task_ids: list[str] = []
-        self._done: set[int] = set()  # item indexes delivered
+        self._done: set[int] = set()  # positions delivered
+        self._hold: set[int] = set()  # positions whose claims are kept for their dead letters
         self._held: set[int] = set()
 
     def __enter__(self) -> BatchGuard:
@@ -248,7 +260,7 @@ class BatchGuard(_Base):
         for operation, key, task_id in items:
             self._task_ids.append(task_id)
             if self.claims is not None:
-                call, keys, token = self.claims.claim_call(operation, key)
+                call, keys, token = self.claims.claim_call(operation, key, task_id)
                 calls.append(call)
                 self._keys.append(keys)
                 self._tokens.append(token)
@@ -292,11 +304,25 @@ class BatchGuard(_Base):
             failed = failed_of(response)
         except Exception:  # noqa: BLE001 - an unreadable 207 body: none of them is known to have failed
             failed = set()
-        self._done = {index for pos, index in enumerate(sent) if pos not in failed}
+        refused = {sent[n] for n in failed if 0 <= n < len(sent)}
+        self._done = {pos for pos in sent if pos not in refused}
+        self._hold |= refused  # they go to dead letters
         self.settle()
-        return response, {sent[pos] for pos in failed if 0 <= pos < len(sent)}, None
+        return response, refused, None
 
-    def settle(self, *, hold: Sequence[int] = ()) -> None:
+    def hold(self, positions: Sequence[int]) -> None:
+        """Keep these claims at settle: they go to dead letters (see :meth:`dead_mark_calls`)."""
+        self._hold |= set(positions)
+
+    def dead_mark_calls(self, position: int) -> list[ScriptCall]:
+        """The dead-letter mark of a held claim, to run in one script with its dead letter."""
+        token = self._tokens[position] if position < len(self._tokens) else None
+        if position not in self._held or self.claims is None or token is None:
+            return []
+        self._held.discard(position)
+        return [self.claims.dead_call(Claim("claimed", self._keys[position], token), self._task_ids[position])]
+
+    def settle(self) -> None:
         """Give everything back in one pipelined round trip (once)."""
         if self._settled:
             return
@@ -309,7 +335,7 @@ class BatchGuard(_Base):
                 claim = Claim("claimed", self._keys[i], token)
                 if i in self._done:
                     calls.append(self.claims.done_call(claim, self._task_ids[i]))
-                elif i in hold:
+                elif i in self._hold:
                     self._held.add(i)
                 else:
                     calls.append(self.claims.release_call(claim))

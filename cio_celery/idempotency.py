@@ -26,7 +26,7 @@ from .store import ScriptCall, key, redis_for, run_script
 
 __all__ = ["Claim", "Claims"]
 
-# KEYS: claim, attempt marker, stats hash. ARGV: token, lease ms, retention ms, operation.
+# KEYS: claim, attempt marker, stats hash. ARGV: token, lease ms, retention ms, operation, task id.
 _CLAIM = """
 if redis.call('TYPE', KEYS[1]).ok ~= 'string' then
   -- none, or a key of another type that no claim can be read from: replaced.
@@ -41,6 +41,15 @@ local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 2) == 'd:' then
   redis.call('HINCRBY', KEYS[3], 'suppressed:' .. ARGV[4], 1)
   return {'done', 0}
+end
+if v and string.sub(v, 1, 2) == 'x:' then
+  -- Dead-lettered: a redelivered copy of that message stops; another message with the same
+  -- key (the caller enqueued it again, fixed) is a new attempt.
+  if string.sub(v, 3) == ARGV[5] then return {'dead', 0} end
+  redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'PX', ARGV[2])
+  local lost = redis.call('INCR', KEYS[2]) - 1
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return {'claimed', lost}
 end
 local left = redis.call('PTTL', KEYS[1])
 if left < 0 then
@@ -61,6 +70,18 @@ if v == 'c:' .. ARGV[1] then return 1 end
 return 0
 """
 
+# KEYS: claim, attempt marker. ARGV: token, retention ms, task id.
+# Written in the same script as the dead letter: a redelivered copy of a dead-lettered
+# operation finds it and stops, instead of calling again.
+_DEAD = """
+if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'x:' .. ARGV[3], 'PX', ARGV[2])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
 # KEYS: claim, attempt marker. ARGV: token. Only the owner's claim goes.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then
@@ -70,12 +91,13 @@ end
 return 0
 """
 
-State = Literal["claimed", "done", "held"]
+State = Literal["claimed", "done", "held", "dead"]
 
 
 @dataclass(frozen=True)
 class Claim:
-    """The answer of a claim: ``claimed`` (ours to deliver), ``done`` or ``held`` (by another)."""
+    """The answer of a claim: ``claimed`` (ours to deliver), ``done``, ``held`` (by another) or
+    ``dead`` (the operation is in dead letters)."""
 
     state: State
     keys: tuple[str, str]
@@ -105,11 +127,12 @@ class Claims:
         base = key(self.settings, "idem", digest)
         return base, f"{base}:attempt"
 
-    def claim_call(self, operation: str, idempotency_key: str) -> tuple[ScriptCall, tuple[str, str], str]:
+    def claim_call(self, operation: str, idempotency_key: str, task_id: str = "") -> tuple[
+            ScriptCall, tuple[str, str], str]:
         s = self.settings
         keys = self.keys_for(operation, idempotency_key)
         token = secrets.token_hex(8)
-        args = [token, int(s.claim_lease * 1000), int(s.idempotency_retention * 1000), operation]
+        args = [token, int(s.claim_lease * 1000), int(s.idempotency_retention * 1000), operation, task_id]
         return ScriptCall(_CLAIM, [*keys, self._stats], args), keys, token
 
     @staticmethod
@@ -118,16 +141,21 @@ class Claims:
         value = int(res[1])
         if state == "claimed":
             return Claim("claimed", keys, token, lost_attempts=value)
-        if state == "done":
-            return Claim("done", keys, token)
+        if state in ("done", "dead"):
+            return Claim(state, keys, token)  # type: ignore[arg-type]
         return Claim("held", keys, token, held_for=max(0.0, value / 1000.0))
 
-    def claim(self, operation: str, idempotency_key: str) -> Claim:
-        call, keys, token = self.claim_call(operation, idempotency_key)
+    def claim(self, operation: str, idempotency_key: str, task_id: str = "") -> Claim:
+        call, keys, token = self.claim_call(operation, idempotency_key, task_id)
         return self.claim_result(run_script(self.settings, call.text, call.keys, call.args), keys, token)
 
     def done_call(self, claim: Claim, task_id: str) -> ScriptCall:
         return ScriptCall(_DONE, list(claim.keys), [claim.token, int(self.settings.idempotency_retention * 1000),
+                                                    task_id])
+
+    def dead_call(self, claim: Claim, task_id: str) -> ScriptCall:
+        """Mark our claim dead-lettered (run it with the dead letter's own script)."""
+        return ScriptCall(_DEAD, list(claim.keys), [claim.token, int(self.settings.idempotency_retention * 1000),
                                                     task_id])
 
     def release_call(self, claim: Claim) -> ScriptCall:
@@ -143,11 +171,11 @@ class Claims:
         return bool(run_script(self.settings, call.text, call.keys, call.args))
 
     def state_of(self, operation: str, idempotency_key: str) -> str | None:
-        """``done``, ``claimed`` or None: for tests, the CLI and the health view."""
+        """``done``, ``dead``, ``claimed`` or None: for tests, the CLI and the health view."""
         raw: Any = redis_for(self.settings).get(self.keys_for(operation, idempotency_key)[0])
         if raw is None:
             return None
-        return "done" if bytes(raw).startswith(b"d:") else "claimed"
+        return {b"d:": "done", b"x:": "dead"}.get(bytes(raw)[:2], "claimed")
 
     def suppressed(self) -> dict[str, int]:
         """Suppressed duplicates per operation since the stats were last reset."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from ._process import PerProcess
 from .exceptions import ConfigurationError
 from .settings import Settings
 
-__all__ = ["ScriptCall", "key", "redis_for", "run_script", "run_scripts"]
+__all__ = ["ScriptCall", "combine", "key", "redis_for", "run_pipelined", "run_script", "run_scripts"]
 
 _clients: PerProcess[redis.Redis] = PerProcess()
 _scripts: PerProcess[Script] = PerProcess()
@@ -73,6 +74,7 @@ def _script(settings: Settings, text: str) -> Script:
     return _scripts.get((settings.redis_url, text), lambda: client.register_script(text))
 
 
+@functools.lru_cache(maxsize=64)
 def _combined(texts: tuple[str, ...]) -> str:
     """One Lua script running ``texts`` in order, each as a function of its own KEYS and ARGV.
 
@@ -111,7 +113,14 @@ def run_scripts(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
     if len(calls) == 1:
         c = calls[0]
         return [run_script(settings, c.text, c.keys, c.args)]
-    text = _combined(tuple(c.text for c in calls))
+    one = combine(calls)
+    result: list[Any] = run_script(settings, one.text, one.keys, one.args)
+    return result
+
+
+def combine(calls: Sequence[ScriptCall]) -> ScriptCall:
+    """One script call running ``calls`` in order, atomically; it answers the list of their
+    answers (see :func:`run_scripts`; :func:`run_pipelined` sends many such in one round trip)."""
     keys: list[str] = []
     args: list[Any] = []
     for c in calls:
@@ -119,8 +128,7 @@ def run_scripts(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:
     for c in calls:
         keys += list(c.keys)
         args += list(c.args)
-    result: list[Any] = run_script(settings, text, keys, args)
-    return result
+    return ScriptCall(_combined(tuple(c.text for c in calls)), keys, args)
 
 
 def run_pipelined(settings: Settings, calls: Sequence[ScriptCall]) -> list[Any]:

@@ -58,6 +58,7 @@ class Cluster:
     env: dict[str, str]
     producer: Celery
     workers: list[WorkerProcess] = field(default_factory=list)
+    task_ids: dict[int, str] = field(default_factory=dict)  # seq -> task id, to trace a lost one
 
     def task(self, operation: str) -> Any:
         return self.producer.tasks[f"cio_celery.{operation}"]
@@ -65,7 +66,21 @@ class Cluster:
     def enqueue_track(self, n: int, start: int = 0) -> None:
         track = self.task("track")
         for i in range(start, start + n):
-            track.delay(f"user-{i % 97}", "chaos", {"seq": i})
+            self.task_ids[i] = track.delay(f"user-{i % 97}", "chaos", {"seq": i}).id
+
+    def trace(self, seq: int) -> str:
+        """Every worker log line naming the task id of ``seq``."""
+        tid = self.task_ids.get(seq)
+        if tid is None:
+            return f"seq {seq}: no task id recorded"
+        lines = []
+        for w in self.workers:
+            try:
+                text = w.log_path.read_text(errors="replace")
+            except OSError:
+                continue
+            lines += [f"{w.name}: {line}" for line in text.splitlines() if tid in line]
+        return f"seq {seq} task {tid}:\n" + "\n".join(lines[-20:])
 
     def applied(self, operation: str = "track") -> Counter[int]:
         """How many times each sequence number was applied by the fake."""
@@ -147,8 +162,10 @@ def wait_all_applied(cluster: Cluster, n: int, timeout: float, operation: str = 
     got = cluster.applied(operation)
     missing = sorted(set(range(n)) - set(got))[:20]
     tails = "\n".join(f"--- {w.name}\n{w.tail(30)}" for w in cluster.workers)
+    traces = "\n".join(cluster.trace(seq) for seq in missing[:5])
     raise AssertionError(f"{len(got)}/{n} applied after {timeout}s; first missing {missing}; "
-                         f"fake stats {cluster.fake.stats}; dead letters {cluster.dead_letters().count()}\n{tails}")
+                         f"fake stats {cluster.fake.stats}; dead letters {cluster.dead_letters().count()}\n"
+                         f"traces:\n{traces}\n{tails}")
 
 
 def report(scenario: str, **figures: Any) -> None:

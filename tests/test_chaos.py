@@ -109,11 +109,6 @@ def test_a_worker_sigkilled_three_times_loses_nothing() -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: a restart can lose a message that kombu's Redis transport had popped (BRPOP) but not yet "
-           "recorded as unacknowledged; seen in 2 of about 8 runs (1 and 2 of 2,000), see docs/chaos.md",
-)
 def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
     n = 2000
     with chaos_cluster(workers=2, concurrency=2) as c:
@@ -134,6 +129,55 @@ def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
         assert c.alive(), "a worker crashed"
         report("redis_restart", operations=n, applied_before_restart=applied_before, redis_down_seconds=3,
                seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
+               duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])
+
+
+def test_the_store_redis_alone_stopped_5s_under_2000_operations_loses_nothing() -> None:
+    n = 2000
+    with chaos_cluster(workers=2, concurrency=2, separate_store=True) as c:
+        c.fake.set_latency(0.02)
+        c.enqueue_track(n)
+        deadline = time.monotonic() + 60
+        while len(c.fake.applied) < n // 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        applied_before = len(c.fake.applied)
+        c.store.stop()
+        time.sleep(5.0)
+        c.store.start()
+        took = wait_all_applied(c, n, timeout=180)
+        time.sleep(1.0)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert c.dead_letters().count() == 0
+        assert c.alive(), "a worker crashed"
+        report("store_down_5s", operations=n, processes=4, applied_before_stop=applied_before, store_down_seconds=5,
+               seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
+               duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"],
+               worker_log_store_waits=sum(w.log_text().count("store_unavailable") for w in c.workers))
+
+
+def test_one_redis_as_broker_and_store_restarted_twice_under_load_loses_nothing() -> None:
+    n = 3000
+    with chaos_cluster(workers=2, concurrency=2) as c:
+        c.fake.set_latency(0.02)
+        c.enqueue_track(n)
+        marks = []
+        for fraction in (0.2, 0.6):
+            deadline = time.monotonic() + 90
+            while len(c.fake.applied) < n * fraction and time.monotonic() < deadline:
+                time.sleep(0.05)
+            marks.append(len(c.fake.applied))
+            c.broker.stop()
+            time.sleep(3.0)
+            c.broker.start()
+        took = wait_all_applied(c, n, timeout=180)
+        time.sleep(1.0)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert c.dead_letters().count() == 0
+        assert c.alive(), "a worker crashed"
+        report("redis_restarted_twice", operations=n, processes=4, applied_at_each_stop=marks, down_seconds=3,
+               seconds_to_finish_after_second_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])
 
 

@@ -56,6 +56,12 @@ class WorkerProcess:
         except OSError:
             return ""
 
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[self._log_start:]
+        except (OSError, AttributeError):
+            return ""
+
     def child_pids(self) -> list[int]:
         if self.proc is None:
             return []
