@@ -28,9 +28,9 @@ else
   make_venv() { "$PY" -m venv "$1"; }   # Debian: needs python3-venv
 fi
 
-# A copy of the checkout without build leftovers: what a clone holds.
+# What a clone holds: the committed tree (no build leftovers, no work in progress).
 mkdir -p "$WORK/src"
-git -C "$ROOT" ls-files -z | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src")
+git -C "$ROOT" archive HEAD | tar -x -C "$WORK/src"
 
 status=0
 summary=()
@@ -58,7 +58,7 @@ import packaging, kombu.transport.redis  # what a plain `celery` dependency lack
 print("   only runtime dependencies; kombu's Redis transport imports")
 EOF
   out="$WORK/walk-$form.json"
-  if "$venv/bin/python" "$ROOT/scripts/walkthrough.py" "$ROOT/$doc" --json >"$out"; then
+  if "$venv/bin/python" "$WORK/src/scripts/walkthrough.py" "$WORK/src/$doc" --json >"$out"; then
     seconds=$("$venv/bin/python" -c "
 import json, sys
 r = json.load(open(sys.argv[1])); pip = float(sys.argv[3]) - float(sys.argv[2])
