@@ -36,6 +36,7 @@ from .delivery import REQUEUE_PAUSE, Ending, send_event
 from .exceptions import TransientError, ValidationError
 from .fallback import Fallback, read_entry
 from .guard import BatchGuard
+from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, Meta
 from .operations import EVENT_ID_ARG
 from .outcomes import DeadLetter, Delivered, Outcome, Park, Suppressed
@@ -154,11 +155,25 @@ class BatchTask(Task):  # type: ignore[misc]
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         """Hide the operations from Flower and the broker's headers on every publish, retries
         included (Celery's retry would show ``repr(args)``); carry the hard time limit."""
+        settings = settings_for_app(self.app)
         group = (args or [[]])[0]
         n = len(group) if isinstance(group, list) else 0
         options.setdefault("argsrepr", f"<{n} operation{'' if n == 1 else 's'} hidden>")
         options.setdefault("kwargsrepr", "<batch metadata>")
-        options.setdefault("time_limit", settings_for_app(self.app).task_time_limit)
+        options.setdefault("time_limit", settings.task_time_limit)
+        at = round(time.time(), 6)
+        kwargs = dict(kwargs or {})
+        kwargs[META_KEY] = {**(kwargs.get(META_KEY) or {}), "at": at}
+        if isinstance(group, list) and ledger_enabled(settings, self.app):
+            # Each item is recorded as its own operation: if this message is lost in transit,
+            # the sweeper republishes them one by one.
+            queue = str(options.get("queue") or options.get("routing_key") or settings.fallback_queue)
+            try:
+                Ledger(settings).record_many(
+                    ((f"cio_celery.{e['operation']}", e["task_id"], e["args"], e["kwargs"], queue)
+                     for e in group if isinstance(e, dict) and "task_id" in e and "operation" in e), at)
+            except Exception as exc:  # noqa: BLE001 - the ledger is a safety net; the publish goes on
+                logger.warning("cio_celery ledger: batch not recorded (%s)", type(exc).__name__)
         return super().apply_async(args, kwargs, *rest, **options)
 
 
@@ -321,7 +336,8 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
     if slot and not batch_meta.slot:
         batch_meta = batch_meta.changed(slot=int(slot) if isinstance(slot, int) else 0)
     plan = read_items(entries)
-    with BatchGuard(settings) as guard:
+    ledger = Ledger(settings) if ledger_enabled(settings, self.app) else None
+    with BatchGuard(settings, ledger) as guard:
         try:
             decide(self, plan, batch_meta, guard)
         except Exception as exc:  # noqa: BLE001 - the catch-all: anything becomes a decision
@@ -366,6 +382,11 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
                   for i, o in enumerate(plan.outcomes) if isinstance(o, Park)]
         if parked:
             fallback.park_many(parked)
+        if guard.ledger is not None:
+            ended = [plan.items[i].task_id for i, o in enumerate(plan.outcomes)
+                     if isinstance(o, (Suppressed, DeadLetter, Park))]
+            if ended:
+                run_pipelined(settings, [guard.ledger.clear_call(ended)])
         alone = [plan.items[i] for i, o in enumerate(plan.outcomes) if o is ALONE]
         for item in alone:
             fallback.publish(item.with_meta(item.meta.changed(slot=0)))

@@ -28,6 +28,7 @@ from .deadletters import DeadLetters
 from .exceptions import PermanentError, TransientError, ValidationError
 from .fallback import Fallback
 from .guard import Guard
+from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, Meta, internal_publish
 from .operations import api_of, perform
 from .outcomes import DeadLetter, Delivered, Outcome, Park, Requeue, Suppressed
@@ -135,14 +136,15 @@ def deliver(task: Any, args: Sequence[Any], kwargs: Mapping[str, Any], raw_meta:
     attempt = start(task, settings, args, kwargs, raw_meta)
     if attempt.meta.problems:
         log(logging.WARNING, "metadata_repaired", task, "continue", fields=",".join(attempt.meta.problems))
-    with Guard(settings, attempt.operation, attempt.meta.key, attempt.task_id) as guard:
+    ledger = Ledger(settings) if ledger_enabled(settings, task.app) else None
+    with Guard(settings, attempt.operation, attempt.meta.key, attempt.task_id, ledger) as guard:
         try:
             outcome = decide(attempt, guard)
         except Exception as exc:  # noqa: BLE001 - the catch-all: anything becomes a decision
             outcome = policy.after_exception(exc, attempt.meta, settings)
             _log_exception(task, exc, outcome)
         # A dead letter keeps its claim, to mark it in the dead letter's own script.
-        guard.settle(hold=isinstance(outcome, DeadLetter))
+        guard.settle(hold=isinstance(outcome, DeadLetter), ended=isinstance(outcome, Suppressed))
         ending = act(attempt, outcome, guard)
         guard.release_held(acted=ending.acted)
     return ending.finish()
@@ -241,10 +243,13 @@ def _retry(a: Attempt, o: RetryOutcome, _g: Guard) -> Ending:
     raise RuntimeError("Task.retry returned without raising Retry")
 
 
-def _park(a: Attempt, o: Park, _g: Guard) -> Ending:
+def _park(a: Attempt, o: Park, g: Guard) -> Ending:
     """Reroute to the fallback store: no call, no attempt spent, no ETA held in memory."""
     meta = a.meta.changed(attempts_before=a.spent, free=0, slot=0)
-    depth = Fallback(a.settings, a.task.app).park(a.operation, a.task_id, list(a.args), a.message_kwargs(meta))
+    entry = {"operation": a.operation, "task_id": a.task_id, "args": list(a.args), "kwargs": a.message_kwargs(meta)}
+    # Parked, it is in the fallback store: its ledger entry goes in the same script.
+    depth = int(run_scripts(a.settings, [Fallback(a.settings, a.task.app).park_call([entry]),
+                                         *g.ledger_clear_calls()])[0])
     log(logging.INFO, "parked", a.task, "parked", depth=depth, breaker_retry_after=round(o.retry_after, 3))
     send_event(a.task, "task-cio-rerouted", depth=depth)
     return Ending(result={"parked": True})
@@ -257,7 +262,7 @@ def _dead_letter(a: Attempt, o: DeadLetter, g: Guard) -> Ending:
         operation=a.operation, task_id=a.task_id, reason=o.reason, status=o.status, attempts=a.spent + 1,
         args=list(a.args), kwargs=a.message_kwargs(meta),
     )
-    run_scripts(a.settings, [add, *g.dead_mark_calls()])
+    run_scripts(a.settings, [add, *g.dead_mark_calls(), *g.ledger_clear_calls()])
     log(logging.ERROR, "dead_lettered", a.task, "dead_letter", reason=o.reason, status=o.status)
     send_event(a.task, "task-cio-dead-lettered", reason=o.reason, status=o.status)
     # The task ends failed (Flower shows it), and the message is dropped: it is in dead letters.

@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from typing import Any
 
 from .breaker import Breaker
@@ -18,7 +19,7 @@ from .exceptions import ValidationError
 from .meta import internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import key, redis_for, run_script
+from .store import ScriptCall, key, redis_for, run_script
 from .validation import OPERATIONS
 
 __all__ = ["Fallback", "Releaser", "read_entry"]
@@ -31,6 +32,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+_PARK = """
+if #ARGV == 0 then return redis.call('LLEN', KEYS[1]) end
+return redis.call('RPUSH', KEYS[1], unpack(ARGV))
 """
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -74,9 +79,12 @@ class Fallback:
 
     def park_many(self, entries: list[dict[str, Any]]) -> int:
         """Append entries in one command (all or none); returns the new depth."""
-        if not entries:
-            return self.depth()
-        return int(self._redis.rpush(self._list, *(json.dumps(e, separators=(",", ":")) for e in entries)))
+        call = self.park_call(entries)
+        return int(run_script(self.settings, call.text, call.keys, call.args))
+
+    def park_call(self, entries: list[dict[str, Any]]) -> ScriptCall:
+        """The script appending ``entries`` (to run with others in one round trip)."""
+        return ScriptCall(_PARK, [self._list], [json.dumps(e, separators=(",", ":")) for e in entries])
 
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
@@ -116,8 +124,7 @@ class Fallback:
                 index_of = {id(e): i for i, e in entries}
                 for group in packed.batches:
                     with internal_publish():
-                        self.app.send_task(BATCH_TASK, args=[group], queue=self.settings.fallback_queue,
-                                           argsrepr=f"<{len(group)} operations hidden>", kwargsrepr="{}")
+                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.settings.fallback_queue)
                     for e in group:
                         handled[index_of[id(e)]] = True
                 for e in packed.singles:
@@ -183,12 +190,16 @@ class Releaser:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.released = 0
+        self.swept = 0
+        self._next_sweep = 0.0
 
     def tick(self) -> int:
-        """One round: hold the lease, release what the breaker allows; returns how many."""
+        """One round: hold the lease, sweep the ledger when due, release what the breaker
+        allows; returns how many were released."""
         interval = self.fallback.settings.fallback_release_interval
         if not self.fallback.acquire_lease(self.token, max(3 * interval, 5.0)):
             return 0
+        self._sweep()
         if self.fallback.depth() == 0:
             return 0
         allowed, batch = self.fallback.release_allowed(self.breaker)
@@ -198,6 +209,17 @@ class Releaser:
             logger.info("cio_celery fallback released %d operations", n,
                         extra={"cio_event": "fallback_released", "cio_count": n})
         return n
+
+    def _sweep(self) -> None:
+        """Look for operations lost in transit (see ledger.py), every quarter of the grace."""
+        from .ledger import Ledger, ledger_enabled
+
+        s, app = self.fallback.settings, self.fallback.app
+        if app is None or not ledger_enabled(s, app) or time.monotonic() < self._next_sweep:
+            return
+        ledger = Ledger(s)
+        self._next_sweep = time.monotonic() + max(1.0, ledger.grace / 4)
+        self.swept += ledger.sweep(app)
 
     def run(self) -> None:
         interval = self.fallback.settings.fallback_release_interval

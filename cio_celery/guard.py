@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from .breaker import Breaker, Permit, breaker_for
 from .exceptions import DeliveryError, StoreStateError
 from .idempotency import Claim, Claims
+from .ledger import Ledger
 from .limiter import Limiter, Slot, bucket_of
 from .policy import CallOutcome, breaker_outcome
 from .settings import Settings
@@ -42,8 +43,9 @@ _READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, Uni
 
 
 class _Base:
-    def __init__(self, settings: Settings, bucket: str) -> None:
+    def __init__(self, settings: Settings, bucket: str, ledger: Ledger | None = None) -> None:
         self.settings = settings
+        self.ledger = ledger
         self.claims = Claims(settings) if settings.idempotency_enabled else None
         self.breaker: Breaker | None = breaker_for(settings) if settings.breaker_enabled else None
         self.limiter = Limiter(settings)
@@ -128,8 +130,9 @@ def _warn(event: str, exc: BaseException, **extra: Any) -> None:
 class Guard(_Base):
     """The guards of one operation's delivery attempt."""
 
-    def __init__(self, settings: Settings, operation: str, idempotency_key: str, task_id: str) -> None:
-        super().__init__(settings, bucket_of(operation))
+    def __init__(self, settings: Settings, operation: str, idempotency_key: str, task_id: str,
+                 ledger: Ledger | None = None) -> None:
+        super().__init__(settings, bucket_of(operation), ledger)
         self.operation = operation
         self.key = idempotency_key
         self.task_id = task_id
@@ -194,9 +197,14 @@ class Guard(_Base):
         self.settle()
         return result, None
 
-    def settle(self, *, hold: bool = False) -> None:
+    def ledger_clear_calls(self) -> list[ScriptCall]:
+        """The ledger's entry goes when the operation ends (run with the script that ends it)."""
+        return [self.ledger.clear_call([self.task_id])] if self.ledger is not None else []
+
+    def settle(self, *, hold: bool = False, ended: bool = False) -> None:
         """Give everything back in one round trip (once); ``hold`` keeps an owned claim until
-        :meth:`release_held`."""
+        :meth:`release_held`; ``ended`` (a suppressed duplicate) clears the ledger's entry, as a
+        delivery does."""
         if self._settled:
             return
         self._settled = True
@@ -211,7 +219,8 @@ class Guard(_Base):
                 calls.append(self.claims.release_call(claim))
         n_claim = len(calls)
         tail, record, outcome = self._tail_calls()
-        self._send(calls + tail, n_claim, record, outcome, self._delivered, pipelined=False)
+        end = self.ledger_clear_calls() if self._delivered or ended else []
+        self._send(calls + tail + end, n_claim, record, outcome, self._delivered, pipelined=False)
 
     def dead_mark_calls(self) -> list[ScriptCall]:
         """The claim's dead-letter mark, to run in one script with the dead letter itself: a
@@ -237,8 +246,8 @@ class Guard(_Base):
 class BatchGuard(_Base):
     """The guards of a v2 batch: a claim per item, one permit, one rate-limit slot."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "track")
+    def __init__(self, settings: Settings, ledger: Ledger | None = None) -> None:
+        super().__init__(settings, "track", ledger)
         self.claims_of: list[Claim | None] = []
         self._keys: list[tuple[str, str]] = []
         self._tokens: list[str | None] = []
@@ -341,6 +350,8 @@ class BatchGuard(_Base):
                     calls.append(self.claims.release_call(claim))
         n_claim = len(calls)
         tail, record, outcome = self._tail_calls()
+        if self.ledger is not None and self._done:
+            tail.append(self.ledger.clear_call([self._task_ids[i] for i in sorted(self._done)]))
         self._send(calls + tail, n_claim, record, outcome, bool(self._done), pipelined=True)
 
     def release_held(self, acted: bool) -> None:

@@ -21,6 +21,7 @@ from . import (
 )
 from .breaker import add_listener as add_breaker_listener
 from .exceptions import PermanentError, ValidationError
+from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, is_internal_publish
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS
 from .settings import Settings, settings_for_app
@@ -132,6 +133,8 @@ class CioTask(Task):  # type: ignore[misc]
                 meta["event_id"] = new_ulid()
         elif not isinstance(meta, dict) or not isinstance(meta.get("key"), str):
             raise ValidationError(self.operation, META_KEY, "is reserved for cio_celery metadata")
+        # Every publish carries its time: the ledger's sweeper compares it with a queue's head.
+        meta = {**meta, "at": round(time.time(), 6)}
         nkwargs[META_KEY] = meta
         if not settings.show_args:
             options.setdefault("argsrepr", _hidden(len(nargs_list), "arg"))
@@ -141,9 +144,15 @@ class CioTask(Task):  # type: ignore[misc]
         # A hard limit only: a soft one would raise inside the HTTP call. A killed attempt is
         # requeued (reject_on_worker_lost) and its claim ends with the lease.
         options.setdefault("time_limit", settings.task_time_limit)
-        if not new_operation or self.app.conf.task_always_eager:
+        if self.app.conf.task_always_eager:
+            return super().apply_async(
+                nargs_list, nkwargs, task_id=task_id, producer=producer,
+                link=link, link_error=link_error, shadow=shadow, **options,
+            )
+        if not new_operation:
             # Retries, reroutes and replays run in workers: a broker error there is Celery's
             # to handle (the message being processed stays unacked until they succeed).
+            self._record(settings, nargs_list, nkwargs, cast(str, task_id), options, meta["at"])
             return super().apply_async(
                 nargs_list, nkwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error, shadow=shadow, **options,
@@ -178,6 +187,7 @@ class CioTask(Task):  # type: ignore[misc]
             return {"task": self.name, "args": args, "kwargs": kwargs, "task_id": task_id, "options": stored}
 
         def send() -> Any:
+            self._record(self.cio_settings, args, kwargs, task_id, options, kwargs[META_KEY]["at"])
             return Task.apply_async(
                 self, args, kwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error, shadow=shadow, **options,
@@ -186,6 +196,14 @@ class CioTask(Task):  # type: ignore[misc]
         return publisher_for(self.app, self.cio_settings).publish(
             self, task_id, entry, send, in_caller_thread=producer is not None
         )
+
+    def _record(self, settings: Settings, args: list[Any], kwargs: dict[str, Any], task_id: str,
+                options: Mapping[str, Any], at: float) -> None:
+        """Record the publish in the delivery ledger first (see ledger.py); never raises."""
+        if not ledger_enabled(settings, self.app):
+            return
+        queue = options.get("queue") or options.get("routing_key") or settings.queue
+        Ledger(settings).record(self.name, task_id, args, kwargs, str(queue), at, fast=True)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """Like ``delay``, but publish only when the current Django transaction commits.

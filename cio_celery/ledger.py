@@ -1,0 +1,211 @@
+"""The delivery ledger: the package's own record of every operation in flight.
+
+Why: kombu's Redis transport takes a message with ``BRPOP`` and records it as unacknowledged in
+a second command. A Redis restart between the two loses the message: it is in no queue, in no
+unacknowledged hash, and no worker ever logged it as received (traced in the chaos suite, see
+docs/chaos.md). The ledger closes that window end to end:
+
+- every publish of an operation (enqueue, retry, release from the fallback, replay) first
+  records it: ``{prefix}:ledger`` (hash: task id -> the message) and ``{prefix}:ledger:due``
+  (sorted set: task id -> when to look at it);
+- the script that ends an operation (done mark, dead letter, park, a suppressed duplicate)
+  removes it, in the same round trip;
+- a sweeper (in the fallback releaser, so one at a time in the cluster) looks at entries
+  overdue by ``grace`` seconds and republishes, with the same task id, those that are neither
+  in their queue nor held unacknowledged by a worker. The idempotency claim makes a republish
+  of an operation that was not lost harmless: it is suppressed.
+
+A queue is first in, first out: an overdue entry published before the message at the head of
+its queue cannot still be in that queue. Every message carries its publish time (``_cio.at``) so
+the sweeper can tell. With a broker other than Redis the ledger is off (no such window).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from ._process import PerProcess
+from .meta import META_KEY
+from .settings import Settings
+from .store import ScriptCall, key, redis_for, run_script
+
+__all__ = ["Ledger", "ledger_enabled"]
+
+logger = logging.getLogger("cio_celery.ledger")
+
+# KEYS: entries, due. ARGV: task id, entry JSON, due (unix s).
+_RECORD = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: entries, due. ARGV: task ids.
+_CLEAR = """
+for i = 1, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[2], ARGV[i])
+end
+return #ARGV
+"""
+
+# A producer that found the store unreachable stops recording for this long: .delay() must not
+# pay a timeout on every call while the store is down.
+_BACKOFF = 5.0
+
+_fast_clients: PerProcess[Any] = PerProcess()
+
+
+def ledger_enabled(settings: Settings, app: Any) -> bool:
+    """On for a Redis broker (the only transport with the window), when a store is configured."""
+    if not settings.redis_url or not settings.idempotency_enabled:
+        return False
+    url = str(getattr(app.conf, "broker_url", None) or "")
+    return url.split(":", 1)[0] in {"redis", "rediss", "unix", "sentinel"}
+
+
+def grace_of(settings: Settings) -> float:
+    """How long an entry may go unseen before the sweeper looks for it: the visibility timeout
+    (after which kombu itself restores an unacknowledged message), at most 5 minutes."""
+    return max(5.0, min(settings.visibility_timeout or 3600.0, 300.0))
+
+
+class Ledger:
+    """The ledger of one settings' store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._entries = key(settings, "ledger")
+        self._due = key(settings, "ledger", "due")
+        self.grace = grace_of(settings)
+
+    def record_call(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None,
+                    at: float) -> ScriptCall:
+        entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
+                           separators=(",", ":"))
+        return ScriptCall(_RECORD, [self._entries, self._due], [task_id, entry, repr(at + self.grace)])
+
+    def record(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None, at: float,
+               fast: bool = False) -> bool:
+        """Record one publish; False (logged once per back-off) when the store cannot take it.
+
+        ``fast``: from an application's ``.delay()``, with short timeouts, never raising.
+        """
+        call = self.record_call(task, task_id, args, kwargs, queue, at)
+        if not fast:
+            run_script(self.settings, call.text, call.keys, call.args)
+            return True
+        return _record_fast(self.settings, call)
+
+    def record_many(self, entries: Iterable[tuple[str, str, Any, Any, str | None]], at: float) -> None:
+        client = redis_for(self.settings)
+        pipe = client.pipeline(transaction=False)
+        for task, task_id, args, kwargs, queue in entries:
+            entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
+                               separators=(",", ":"))
+            pipe.hset(self._entries, task_id, entry)
+            pipe.zadd(self._due, {task_id: at + self.grace})
+        pipe.execute()
+
+    def clear_call(self, task_ids: list[str]) -> ScriptCall:
+        """Remove ended operations (run it in the round trip that ends them)."""
+        return ScriptCall(_CLEAR, [self._entries, self._due], list(task_ids))
+
+    def depth(self) -> int:
+        return int(redis_for(self.settings).zcard(self._due))
+
+    def sweep(self, app: Any, limit: int = 200) -> int:
+        """Republish overdue entries that are in no queue and held by no worker; returns how many."""
+        client: Any = redis_for(self.settings)
+        now = time.time()
+        overdue = [t.decode() for t in client.zrangebyscore(self._due, "-inf", now, start=0, num=limit)]
+        if not overdue:
+            return 0
+        raws = client.hmget(self._entries, overdue)
+        with app.connection_for_read() as conn:
+            broker = conn.default_channel.client
+            unacked = b"".join(broker.hvals("unacked") or [])
+            heads: dict[str, float | None] = {}
+            republished = 0
+            for task_id, raw in zip(overdue, raws, strict=True):
+                if raw is None:  # ended meanwhile
+                    client.zrem(self._due, task_id)
+                    continue
+                try:
+                    entry = json.loads(raw)
+                    queue = str(entry.get("queue") or self.settings.queue)
+                    at = float(entry["at"])
+                except (ValueError, TypeError, KeyError):
+                    client.hdel(self._entries, task_id)
+                    client.zrem(self._due, task_id)
+                    continue
+                if task_id.encode() in unacked:
+                    client.zadd(self._due, {task_id: now + self.grace})  # a worker holds it
+                    continue
+                if queue not in heads:
+                    heads[queue] = _head_time(broker.lindex(queue, -1))
+                head = heads[queue]
+                if head is not None and head <= at:
+                    # Published after the message at the head of its queue: it may be waiting.
+                    client.zadd(self._due, {task_id: now + self.grace})
+                    continue
+                self._republish(app, task_id, entry)
+                republished += 1
+        if republished:
+            logger.warning("cio_celery ledger republished %d operations lost in transit", republished,
+                           extra={"cio_event": "ledger_republished", "cio_count": republished})
+        return republished
+
+    def _republish(self, app: Any, task_id: str, entry: dict[str, Any]) -> None:
+        from .meta import internal_publish
+
+        task = app.tasks.get(entry["task"])
+        if task is None:
+            return
+        with internal_publish():
+            task.apply_async(entry["args"], entry["kwargs"], task_id=task_id, queue=entry.get("queue"))
+
+
+def _head_time(raw: Any) -> float | None:
+    """The publish time (``_cio.at``) of a kombu message as stored in a Redis list."""
+    if raw is None:
+        return None
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return float(kwargs[META_KEY]["at"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None  # not one of ours, or older than the ledger: cannot tell
+
+
+_down_until: dict[int, float] = {}
+
+
+def _record_fast(settings: Settings, call: ScriptCall) -> bool:
+    if time.monotonic() < _down_until.get(id(settings), 0.0):
+        return False
+    url = settings.redis_url or ""
+    try:
+        def build() -> Any:
+            client = redis_for(settings) if url.startswith("django-redis://") else redis.Redis.from_url(
+                url, socket_timeout=0.25, socket_connect_timeout=0.25, decode_responses=False)
+            return client.register_script(_RECORD)
+
+        script = _fast_clients.get(url, build)
+        script(keys=list(call.keys), args=list(call.args))
+        return True
+    except Exception as exc:  # noqa: BLE001 - the ledger is a safety net; the publish goes on
+        _down_until[id(settings)] = time.monotonic() + _BACKOFF
+        logger.warning("cio_celery ledger: store unreachable at enqueue (%s); not recording for %.0f s",
+                       type(exc).__name__, _BACKOFF, extra={"cio_event": "ledger_unavailable"})
+        return False
