@@ -82,6 +82,19 @@ def black_hole() -> Iterator[str]:
     server.close()
 
 
+@pytest.fixture(autouse=True)
+def _stop_new_publishers() -> Iterator[None]:
+    """Stop the publishers (flusher threads) a test started: a flusher left retrying a down
+    broker would publish, and fire Celery's publish signals, during later tests."""
+    from cio_celery import spool
+
+    before = {id(p) for p in spool._PUBLISHERS.values()}
+    yield
+    for publisher in spool._PUBLISHERS.values():
+        if id(publisher) not in before:
+            publisher.stop()
+
+
 def wait_for(predicate: Any, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
