@@ -56,8 +56,10 @@ __all__ = [
 
 #: Seconds an operation may wait in this host's spool before ``spool_stale``.
 DEFAULT_MAX_SPOOL_AGE = 60.0
-#: Seconds the ``cio_status`` broadcast waits for the workers' answers.
-DEFAULT_INSPECT_TIMEOUT = 1.0
+#: Seconds the ``cio_status`` broadcast waits for the workers' answers (it always waits that long:
+#: the number of workers is not known). Celery's own ``inspect`` waits 1 s; a loaded worker host
+#: can answer later, and a missed answer reads as ``queue_not_consumed``.
+DEFAULT_INSPECT_TIMEOUT = 2.0
 #: Seconds the workers' answers are reused (a load balancer polls every few seconds).
 DEFAULT_WORKERS_CACHE = 10.0
 

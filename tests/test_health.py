@@ -34,6 +34,8 @@ from tests.workers import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "trk-SECRET-health-never-printed"
+# Where a worker must answer: a loaded machine (CI) can take more than the default 1 s.
+ANSWER = ("--inspect-timeout", "5")
 
 # Real worker subprocesses, several per test: in the README's test command (CI), not in the tox corners.
 pytestmark = pytest.mark.slow
@@ -131,7 +133,7 @@ def test_status_is_unhealthy_until_a_worker_consumes_both_queues(env: dict[str, 
     try:
         log = worker_says(wrong, "CIO_FALLBACK_QUEUE")
         assert "queue 'cio' is not consumed by this worker" in log and "start workers with -Q cio,cio.fallback" in log
-        still = report(cio(env, "status", "--json"))
+        still = report(cio(env, "status", "--json", *ANSWER))
         assert names(still) == ["queue_not_consumed", "queue_not_consumed"]
         text = cio(env, "status")
         assert text.returncode == 1
@@ -142,7 +144,7 @@ def test_status_is_unhealthy_until_a_worker_consumes_both_queues(env: dict[str, 
 
     right = start_worker(env, tmp_path, "both")
     try:
-        ok = cio(env, "status", "--json")
+        ok = cio(env, "status", "--json", *ANSWER)
         data = report(ok)
         assert ok.returncode == 0, data["problems"]
         assert data["queues"]["cio"]["consumers"] == 1 and data["queues"]["cio"]["workers"][0].startswith("both@")
@@ -166,7 +168,7 @@ def test_missing_credentials_are_named_at_start_in_health_and_replayed_by_reason
         log = worker_says(worker, "track_credentials_missing")
         assert "CIO_SITE_ID is not set" in log and "set CIO_SITE_ID where the workers run" in log
         # The CLI has every credential; the report is about the workers that deliver.
-        done = cio(env, "status", "--json")
+        done = cio(env, "status", "--json", *ANSWER)
         assert done.returncode == 1
         [problem] = report(done)["problems"]
         assert problem["name"] == "track_credentials_missing"
@@ -193,7 +195,7 @@ def test_missing_credentials_are_named_at_start_in_health_and_replayed_by_reason
         assert report(replayed)["replayed"] == 2
         applied = fake.wait_for_applied(2, timeout=20)
         assert sorted(a.operation for a in applied) == ["identify", "track"]
-        assert cio(env, "status").returncode == 0
+        assert cio(env, "status", *ANSWER).returncode == 0
     finally:
         fixed.stop()
 
@@ -306,7 +308,7 @@ def test_workers_answers_are_cached_and_forgotten_on_demand(env: dict[str, str],
     try:
         assert health_report(app, inspect_timeout=0.5, workers_cache=30).problem_names == second.problem_names
         forget_workers(app)
-        assert health_report(app, inspect_timeout=1.0, workers_cache=30).healthy
+        assert health_report(app, inspect_timeout=5.0, workers_cache=30).healthy
     finally:
         worker.stop()
         publisher_for(app).stop()
