@@ -169,9 +169,10 @@ class BatchTask(Task):  # type: ignore[misc]
             # the sweeper republishes them one by one.
             queue = str(options.get("queue") or options.get("routing_key") or settings.fallback_queue)
             try:
-                Ledger(settings).record_many(
-                    ((f"cio_celery.{e['operation']}", e["task_id"], e["args"], e["kwargs"], queue)
-                     for e in group if isinstance(e, dict) and "task_id" in e and "operation" in e), at)
+                ledger = Ledger(settings)
+                ledger.record_now([ledger.record_call(f"cio_celery.{e['operation']}", e["task_id"], e["args"],
+                                                      e["kwargs"], queue, at)
+                                   for e in group if isinstance(e, dict) and "task_id" in e and "operation" in e])
             except Exception as exc:  # noqa: BLE001 - the ledger is a safety net; the publish goes on
                 logger.warning("cio_celery ledger: batch not recorded (%s)", type(exc).__name__)
         return super().apply_async(args, kwargs, *rest, **options)

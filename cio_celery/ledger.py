@@ -22,26 +22,31 @@ the sweeper can tell. With a broker other than Redis the ledger is off (no such 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import logging
+import queue
+import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
-import redis
-
 from ._process import PerProcess
+from .idempotency import Claims
 from .meta import META_KEY
 from .settings import Settings
-from .store import ScriptCall, key, redis_for, run_script
+from .store import ScriptCall, key, redis_for, run_pipelined
 
 __all__ = ["Ledger", "ledger_enabled"]
 
 logger = logging.getLogger("cio_celery.ledger")
 
-# KEYS: entries, due. ARGV: task id, entry JSON, due (unix s).
+# KEYS: entries, due, the operation's claim. ARGV: task id, entry JSON, due (unix s).
+# A record can land after the operation ended (it is written in the background): an operation
+# whose claim is done, or dead-lettered by this very message, is not recorded.
 _RECORD = """
+local v = redis.call('GET', KEYS[3])
+if v and (string.sub(v, 1, 2) == 'd:' or v == 'x:' .. ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
@@ -56,16 +61,13 @@ end
 return #ARGV
 """
 
-# A producer that found the store unreachable stops recording for this long: .delay() must not
-# pay a timeout on every call while the store is down.
+# A writer that cannot write says so at most this often.
 _BACKOFF = 5.0
-
-_fast_clients: PerProcess[Any] = PerProcess()
 
 
 def ledger_enabled(settings: Settings, app: Any) -> bool:
     """On for a Redis broker (the only transport with the window), when a store is configured."""
-    if not settings.redis_url or not settings.idempotency_enabled:
+    if not settings.ledger or not settings.redis_url or not settings.idempotency_enabled:
         return False
     url = str(getattr(app.conf, "broker_url", None) or "")
     return url.split(":", 1)[0] in {"redis", "rediss", "unix", "sentinel"}
@@ -90,29 +92,24 @@ class Ledger:
                     at: float) -> ScriptCall:
         entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
                            separators=(",", ":"))
-        return ScriptCall(_RECORD, [self._entries, self._due], [task_id, entry, repr(at + self.grace)])
+        meta = kwargs.get(META_KEY) if isinstance(kwargs, dict) else None
+        operation = task.rsplit(".", 1)[-1]
+        idem_key = meta.get("key") if isinstance(meta, dict) else None
+        claim = Claims(self.settings).keys_for(operation, idem_key if isinstance(idem_key, str) else task_id)[0]
+        return ScriptCall(_RECORD, [self._entries, self._due, claim], [task_id, entry, repr(at + self.grace)])
 
-    def record(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None, at: float,
-               fast: bool = False) -> bool:
-        """Record one publish; False (logged once per back-off) when the store cannot take it.
+    def record(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None, at: float) -> None:
+        """Record one publish in the background (this process's writer); never raises, never waits.
 
-        ``fast``: from an application's ``.delay()``, with short timeouts, never raising.
+        The writer sends what has piled up in one pipelined round trip; a store that cannot
+        take it loses those records (logged), not the operations.
         """
-        call = self.record_call(task, task_id, args, kwargs, queue, at)
-        if not fast:
-            run_script(self.settings, call.text, call.keys, call.args)
-            return True
-        return _record_fast(self.settings, call)
+        _writer_for(self.settings).put((self, task, task_id, args, kwargs, queue, at))
 
-    def record_many(self, entries: Iterable[tuple[str, str, Any, Any, str | None]], at: float) -> None:
-        client = redis_for(self.settings)
-        pipe = client.pipeline(transaction=False)
-        for task, task_id, args, kwargs, queue in entries:
-            entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
-                               separators=(",", ":"))
-            pipe.hset(self._entries, task_id, entry)
-            pipe.zadd(self._due, {task_id: at + self.grace})
-        pipe.execute()
+    def record_now(self, calls: list[ScriptCall]) -> None:
+        """Record several publishes in one round trip, now (a batch's items)."""
+        if calls:
+            run_pipelined(self.settings, calls)
 
     def clear_call(self, task_ids: list[str]) -> ScriptCall:
         """Remove ended operations (run it in the round trip that ends them)."""
@@ -188,24 +185,64 @@ def _head_time(raw: Any) -> float | None:
         return None  # not one of ours, or older than the ledger: cannot tell
 
 
-_down_until: dict[int, float] = {}
+class _Writer:
+    """One background thread per process and store writing ledger records in pipelines."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # What to record, built into a script call by the writer (the caller only hands it over).
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._warned_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="cio-ledger-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self._queue.put(item)
+
+    def _take(self, first: tuple[Any, ...]) -> list[ScriptCall]:
+        items = [first]
+        while len(items) < 500:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        calls = []
+        for ledger, *what in items:
+            try:
+                calls.append(ledger.record_call(*what))
+            except Exception:  # noqa: BLE001, S112 - an entry that cannot be encoded is not recorded
+                continue
+        return calls
+
+    def _write(self, calls: list[ScriptCall]) -> None:
+        if not calls:
+            return
+        try:
+            run_pipelined(self.settings, calls)
+        except Exception as exc:  # noqa: BLE001 - a safety net: the operations themselves are published
+            if time.monotonic() - self._warned_at > _BACKOFF:
+                self._warned_at = time.monotonic()
+                logger.warning("cio_celery ledger: %d records not written (%s)", len(calls), type(exc).__name__,
+                               extra={"cio_event": "ledger_unavailable", "cio_count": len(calls)})
+
+    def _run(self) -> None:
+        while True:
+            self._write(self._take(self._queue.get()))
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Write what is queued now (at exit, and in tests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._write(self._take(first))
 
 
-def _record_fast(settings: Settings, call: ScriptCall) -> bool:
-    if time.monotonic() < _down_until.get(id(settings), 0.0):
-        return False
-    url = settings.redis_url or ""
-    try:
-        def build() -> Any:
-            client = redis_for(settings) if url.startswith("django-redis://") else redis.Redis.from_url(
-                url, socket_timeout=0.25, socket_connect_timeout=0.25, decode_responses=False)
-            return client.register_script(_RECORD)
+_writers: PerProcess[_Writer] = PerProcess()
 
-        script = _fast_clients.get(url, build)
-        script(keys=list(call.keys), args=list(call.args))
-        return True
-    except Exception as exc:  # noqa: BLE001 - the ledger is a safety net; the publish goes on
-        _down_until[id(settings)] = time.monotonic() + _BACKOFF
-        logger.warning("cio_celery ledger: store unreachable at enqueue (%s); not recording for %.0f s",
-                       type(exc).__name__, _BACKOFF, extra={"cio_event": "ledger_unavailable"})
-        return False
+
+def _writer_for(settings: Settings) -> _Writer:
+    return _writers.get(id(settings), lambda: _Writer(settings))

@@ -94,12 +94,16 @@ def breaker_outcome(error: DeliveryError | None) -> CallOutcome:
     """What a call's result tells the breaker (the trip rule's input).
 
     Delivered, or refused with a permanent 4xx: the service answered (success). A 429 says
-    "slow down", not "down" (ignored). Any other transient failure is a failure.
+    "slow down", not "down" (ignored), and a request refused before it was sent says nothing
+    (ignored). Any other transient failure is a failure.
     """
     if error is None:
         return "success"
     if isinstance(error, TransientError):
         return "ignore" if error.status == 429 else "failure"
+    if error.status is None:
+        # Refused before it was sent (a URL that is not the operation's route): no evidence.
+        return "ignore"
     return "success"
 
 

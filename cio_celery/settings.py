@@ -189,6 +189,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Failed flushes of one row, with the broker answering, before the row is moved to the "
         "spool's quarantine and the rows behind it flow on.",
     ),
+    Setting("ledger", "CIO_LEDGER", _bool,
+        "Record every publish in the delivery ledger when the broker is Redis, so that a message "
+        "the transport loses in transit (a Redis restart between BRPOP and its unacked record) is "
+        "republished; costs one store round trip per `.delay()`.",
+    ),
     Setting("batch_drain", "CIO_BATCH_DRAIN", _bool,
         "Release parked Track-API operations after an outage as `/api/v2/batch` requests "
         "(up to 500 KB each) instead of one request per operation.",
@@ -271,6 +276,7 @@ class Settings:
     spool_flush_interval: float = 1.0
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_max_attempts: int = 5
+    ledger: bool = True
     batch_drain: bool = True
     batch_max_operations: int = 1000
     rate_limit_track: float = 100.0

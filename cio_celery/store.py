@@ -42,10 +42,15 @@ def redis_for(settings: Settings) -> redis.Redis:
             return get_redis_connection(alias)  # type: ignore[no-any-return]
 
         return _clients.get(url, from_django)
+    # A store that accepts connections and does not answer (shutting down, paused) must fail a
+    # delivery attempt well within its hard time limit: the attempt then becomes a free retry
+    # instead of a worker process killed by the pool.
+    timeout = min(5.0, max(0.25, settings.task_time_limit / 5))
     return _clients.get(
-        url,
+        (url, timeout),
         lambda: redis.Redis.from_url(
-            url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=15, decode_responses=False
+            url, socket_timeout=timeout, socket_connect_timeout=min(2.0, timeout),
+            health_check_interval=15, decode_responses=False,
         ),
     )
 

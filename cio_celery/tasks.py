@@ -25,7 +25,7 @@ from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, is_internal_publish
 from .operations import EVENT_ID_ARG, EVENT_OPERATIONS
 from .settings import Settings, settings_for_app
-from .spool import publisher_for, storable_options
+from .spool import check_options, publisher_for, storable_options
 from .ulid import new_ulid
 from .validation import normalize
 
@@ -114,6 +114,9 @@ class CioTask(Task):  # type: ignore[misc]
         serializer = options.get("serializer")
         if serializer is not None and serializer != "json":
             raise ValidationError(self.operation, "serializer", "must be json (the workers accept json only)")
+        # An option the broker would take and the worker then discard (eta="tomorrow") is lost
+        # after the publish: refused here, naming it.
+        check_options(self.operation, options)
         caller_key = options.pop("idempotency_key", None)
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)
@@ -199,11 +202,11 @@ class CioTask(Task):  # type: ignore[misc]
 
     def _record(self, settings: Settings, args: list[Any], kwargs: dict[str, Any], task_id: str,
                 options: Mapping[str, Any], at: float) -> None:
-        """Record the publish in the delivery ledger first (see ledger.py); never raises."""
+        """Record the publish in the delivery ledger (see ledger.py), in the background."""
         if not ledger_enabled(settings, self.app):
             return
         queue = options.get("queue") or options.get("routing_key") or settings.queue
-        Ledger(settings).record(self.name, task_id, args, kwargs, str(queue), at, fast=True)
+        Ledger(settings).record(self.name, task_id, args, kwargs, str(queue), at)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """Like ``delay``, but publish only when the current Django transaction commits.
@@ -263,7 +266,7 @@ def _task(operation: str) -> Callable[[Callable[..., Any]], CioTask]:
 
 
 @_task("identify")
-def identify(self: CioTask, id: Any, *, _cio: dict[str, Any] | None = None, **attrs: Any) -> Any:
+def identify(self: CioTask, /, id: Any, *, _cio: dict[str, Any] | None = None, **attrs: Any) -> Any:
     """Create or update a person (``PUT /api/v1/customers/{id}``)."""
     return self.deliver((id,), attrs, _cio)
 
@@ -271,6 +274,7 @@ def identify(self: CioTask, id: Any, *, _cio: dict[str, Any] | None = None, **at
 @_task("track")
 def track(
     self: CioTask,
+    /,
     customer_id: Any,
     name: str,
     data: dict[str, Any] | None = None,
@@ -286,6 +290,7 @@ def track(
 @_task("track_anonymous")
 def track_anonymous(
     self: CioTask,
+    /,
     anonymous_id: Any,
     name: str,
     data: dict[str, Any] | None = None,
@@ -299,21 +304,21 @@ def track_anonymous(
 
 
 @_task("pageview")
-def pageview(self: CioTask, customer_id: Any, page: str, *, _cio: dict[str, Any] | None = None, **data: Any) -> Any:
+def pageview(self: CioTask, /, customer_id: Any, page: str, *, _cio: dict[str, Any] | None = None, **data: Any) -> Any:
     """Send a page view; it carries an event id minted at enqueue."""
     return self.deliver((customer_id, page), data, _cio)
 
 
 @_task("backfill")
 def backfill(
-    self: CioTask, customer_id: Any, name: str, timestamp: Any, *, _cio: dict[str, Any] | None = None, **data: Any
+    self: CioTask, /, customer_id: Any, name: str, timestamp: Any, *, _cio: dict[str, Any] | None = None, **data: Any
 ) -> Any:
     """Send a past event; it carries an event id minted at enqueue."""
     return self.deliver((customer_id, name, timestamp), data, _cio)
 
 
 @_task("delete")
-def delete(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+def delete(self: CioTask, /, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
     """Delete a person."""
     return self.deliver((customer_id,), {}, _cio)
 
@@ -321,6 +326,7 @@ def delete(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = Non
 @_task("add_device")
 def add_device(
     self: CioTask,
+    /,
     customer_id: Any,
     device_id: Any,
     platform: str,
@@ -333,19 +339,19 @@ def add_device(
 
 
 @_task("delete_device")
-def delete_device(self: CioTask, customer_id: Any, device_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+def delete_device(self: CioTask, /, customer_id: Any, device_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
     """Remove a person's device."""
     return self.deliver((customer_id, device_id), {}, _cio)
 
 
 @_task("suppress")
-def suppress(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+def suppress(self: CioTask, /, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
     """Suppress a person."""
     return self.deliver((customer_id,), {}, _cio)
 
 
 @_task("unsuppress")
-def unsuppress(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+def unsuppress(self: CioTask, /, customer_id: Any, *, _cio: dict[str, Any] | None = None) -> Any:
     """Unsuppress a person."""
     return self.deliver((customer_id,), {}, _cio)
 
@@ -353,6 +359,7 @@ def unsuppress(self: CioTask, customer_id: Any, *, _cio: dict[str, Any] | None =
 @_task("merge_customers")
 def merge_customers(
     self: CioTask,
+    /,
     primary_id_type: str,
     primary_id: Any,
     secondary_id_type: str,
@@ -365,7 +372,7 @@ def merge_customers(
 
 
 @_task("batch")
-def batch(self: CioTask, operations: list[dict[str, Any]], *, _cio: dict[str, Any] | None = None) -> Any:
+def batch(self: CioTask, /, operations: list[dict[str, Any]], *, _cio: dict[str, Any] | None = None) -> Any:
     """Send v2 batch operations in one request (``POST /api/v2/batch``)."""
     return self.deliver((operations,), {}, _cio)
 
@@ -373,7 +380,7 @@ def batch(self: CioTask, operations: list[dict[str, Any]], *, _cio: dict[str, An
 def _send_task(operation: str, what: str, request_class: str) -> CioTask:
     """A transactional send task: one ``request`` argument, a dict or the SDK's request object."""
 
-    def run(self: CioTask, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
+    def run(self: CioTask, /, request: Any, *, _cio: dict[str, Any] | None = None) -> Any:
         return self.deliver((request,), {}, _cio)
 
     run.__name__ = run.__qualname__ = operation

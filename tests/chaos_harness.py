@@ -114,6 +114,15 @@ class Cluster:
     def alive(self) -> bool:
         return all(w.proc is not None and w.proc.poll() is None for w in self.workers if w.proc is not None)
 
+    def exits(self) -> str:
+        """Which worker exited, with its exit status (negative: the signal), and its log's last lines."""
+        out = []
+        for w in self.workers:
+            code = w.proc.poll() if w.proc is not None else None
+            if code is not None:
+                out.append(f"{w.name} exited with {code}:\n{w.tail(15)}")
+        return "\n".join(out) or "all alive"
+
 
 @contextmanager
 def chaos_cluster(

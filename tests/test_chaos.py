@@ -126,7 +126,7 @@ def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
         applied = c.applied()
         assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
         assert c.dead_letters().count() == 0
-        assert c.alive(), "a worker crashed"
+        assert c.alive(), f"a worker crashed: {c.exits()}"
         report("redis_restart", operations=n, applied_before_restart=applied_before, redis_down_seconds=3,
                seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])
@@ -149,7 +149,7 @@ def test_the_store_redis_alone_stopped_5s_under_2000_operations_loses_nothing() 
         applied = c.applied()
         assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
         assert c.dead_letters().count() == 0
-        assert c.alive(), "a worker crashed"
+        assert c.alive(), f"a worker crashed: {c.exits()}"
         report("store_down_5s", operations=n, processes=4, applied_before_stop=applied_before, store_down_seconds=5,
                seconds_to_finish_after_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"],
@@ -175,7 +175,7 @@ def test_one_redis_as_broker_and_store_restarted_twice_under_load_loses_nothing(
         applied = c.applied()
         assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
         assert c.dead_letters().count() == 0
-        assert c.alive(), "a worker crashed"
+        assert c.alive(), f"a worker crashed: {c.exits()}"
         report("redis_restarted_twice", operations=n, processes=4, applied_at_each_stop=marks, down_seconds=3,
                seconds_to_finish_after_second_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"])

@@ -94,6 +94,7 @@ def test_ambiguous_sends_go_to_review(operation: str, policy: str, review: bool)
 @pytest.mark.parametrize(("error", "outcome"), [
     (None, "success"),
     (PermanentError("x", "http_400", status=400), "success"),   # the service answered
+    (PermanentError("x", "invalid:url"), "ignore"),             # never sent
     (TransientError("x", "http_429", status=429), "ignore"),    # slow down, not down
     (TransientError("x", "http_503", status=503), "failure"),
     (TransientError("x", "timeout"), "failure"),
