@@ -109,7 +109,10 @@ def recommended_celery_config(
     - ``task_acks_late``: acknowledge a message after the delivery, so a dead worker's operation is redelivered.
     - ``worker_prefetch_multiplier`` 1: no operation waits, held unacknowledged, behind a slow delivery.
     - ``task_reject_on_worker_lost``: a killed worker process requeues its operation instead of acknowledging it.
-    - ``worker_cancel_long_running_tasks_on_connection_loss``: no delivery keeps running while it is redelivered.
+    - ``worker_cancel_long_running_tasks_on_connection_loss`` off: Celery would terminate the pool process of
+      every delivery whose ack failed with the connection, even one that had finished (the process is then
+      running another delivery); the chaos suite saw it crash the worker. A delivery that keeps running
+      while its message is redelivered is safe: the copy finds the claim held, then done.
     - ``broker_connection_retry_on_startup``: a worker started while the broker is down waits for it.
     - ``broker_transport_options`` (Redis transport; ignored keys elsewhere):
 
@@ -138,7 +141,7 @@ def recommended_celery_config(
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
         "task_reject_on_worker_lost": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": float(visibility_timeout),
@@ -220,12 +223,14 @@ def _check_worker_settings(conf: Any) -> list[ConfigProblem]:
             "operation waits behind a slow delivery, and with acks_late it is held unacknowledged all the while",
             WARNING,
         ))
-    if not conf.worker_cancel_long_running_tasks_on_connection_loss:
+    if conf.worker_cancel_long_running_tasks_on_connection_loss:
         problems.append(ConfigProblem(
             "worker_cancel_long_running_tasks_on_connection_loss",
-            "is off: after a broker connection loss, deliveries already running keep going while their "
-            "unacknowledged messages are delivered again, so an operation can run twice; "
-            "app.conf.update(recommended_celery_config()) turns it on",
+            "is on: after a broker connection loss Celery terminates the pool process of every delivery whose "
+            "ack failed, even one that had finished and whose process runs another delivery by then (in the "
+            "chaos suite this crashed the worker); the idempotency claims already make a delivery that keeps "
+            "running while its message is redelivered safe; app.conf.update(recommended_celery_config()) "
+            "turns it off",
             WARNING,
         ))
     if conf.task_always_eager:

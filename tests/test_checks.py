@@ -84,7 +84,7 @@ def test_recommended_config_values() -> None:
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_reject_on_worker_lost"] is True
     assert "task_acks_on_failure_or_timeout" not in conf  # the tasks set their own (never ack a timeout)
-    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
     assert conf["broker_connection_retry_on_startup"] is True
     assert conf["broker_transport_options"] == {
         "visibility_timeout": 3600.0,
@@ -191,8 +191,8 @@ def test_backoff_longer_than_the_longest_countdown(broker_url: str) -> None:
     assert "clipped" in only(problems, "CIO_RETRY_AFTER_MAX", "warning").problem
 
 
-def test_long_running_tasks_not_cancelled_on_connection_loss(broker_url: str) -> None:
-    conf = {**recommended_celery_config(Settings()), "worker_cancel_long_running_tasks_on_connection_loss": False}
+def test_cancelling_running_deliveries_on_connection_loss_is_flagged(broker_url: str) -> None:
+    conf = {**recommended_celery_config(Settings()), "worker_cancel_long_running_tasks_on_connection_loss": True}
     only(check_configuration(make_app(broker_url, **conf)),
          "worker_cancel_long_running_tasks_on_connection_loss", "warning")
 
