@@ -62,8 +62,9 @@ def _person(customer_id: Any) -> dict[str, Any]:
 
 
 def _event(action: str, customer_id: Any, name: str, data: dict[str, Any] | None, event_id: str | None,
-           timestamp: Any = None) -> dict[str, Any]:
-    item = {**_person(customer_id), "action": action, "name": name, "attributes": dict(data or {})}
+           timestamp: Any = None, identifier: str = "id") -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "person", "identifiers": {identifier: customer_id}, "action": action,
+                            "name": name, "attributes": dict(data or {})}
     if event_id:
         item["id"] = event_id
     if timestamp is not None:
@@ -71,20 +72,44 @@ def _event(action: str, customer_id: Any, name: str, data: dict[str, Any] | None
     return item
 
 
+def _device(action: str, customer_id: Any, device_id: Any, platform: str | None,
+            data: dict[str, Any]) -> dict[str, Any]:
+    """v1 sends ``{"device": {"id", "platform", **data}}``; v2 names the id ``token`` and keeps
+    ``last_used`` beside it, the rest under ``attributes``."""
+    device: dict[str, Any] = {"token": device_id}
+    if platform is not None:
+        device["platform"] = platform
+    rest = dict(data)
+    if "last_used" in rest:
+        device["last_used"] = rest.pop("last_used")
+    if rest:
+        device["attributes"] = rest
+    return {**_person(customer_id), "action": action, "device": device}
+
+
 # Operation -> its v2 form from the normalised positional args, keyword args and event id.
 _CONVERTERS: dict[str, Callable[[tuple[Any, ...], dict[str, Any], str | None], dict[str, Any]]] = {
     "identify": lambda a, kw, _e: {**_person(a[0]), "action": "identify", "attributes": dict(kw)},
     "track": lambda a, _kw, e: _event("event", a[0], a[1], a[2], a[3] or e, a[4]),
     "pageview": lambda a, kw, e: _event("page", a[0], a[1], kw, e),
+    # An anonymous event without an anonymous id has no v2 form: it goes alone (see to_v2).
+    "track_anonymous": lambda a, _kw, e: _event("event", a[0], a[1], a[2], a[3] or e, a[4], "anonymous_id"),
     "delete": lambda a, _kw, _e: {**_person(a[0]), "action": "delete"},
+    "add_device": lambda a, kw, _e: _device("add_device", a[0], a[1], a[2], kw),
+    "delete_device": lambda a, _kw, _e: _device("delete_device", a[0], a[1], None, {}),
+    "merge_customers": lambda a, _kw, _e: {"type": "person", "action": "merge", "primary": {a[0]: a[1]},
+                                           "secondary": {a[2]: a[3]}},
     "suppress": lambda a, _kw, _e: {**_person(a[0]), "action": "suppress"},
     "unsuppress": lambda a, _kw, _e: {**_person(a[0]), "action": "unsuppress"},
 }
 BATCHABLE = frozenset(_CONVERTERS)
 
 
-def to_v2(operation: str, args: tuple[Any, ...], kwargs: dict[str, Any], event_id: str | None) -> dict[str, Any]:
-    """The v2 batch operation for one normalised Track-API operation."""
+def to_v2(operation: str, args: tuple[Any, ...], kwargs: dict[str, Any], event_id: str | None
+          ) -> dict[str, Any] | None:
+    """The v2 batch operation for one normalised Track-API operation (None: it has none)."""
+    if operation == "track_anonymous" and args[0] in (None, ""):
+        return None
     return _CONVERTERS[operation](args, kwargs, event_id)
 
 
@@ -92,23 +117,29 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def v2_item(operation: str, args: Any, kwargs: Any) -> dict[str, Any] | None:
+    """The v2 form of one operation as a message carries it (raises ValidationError); None when
+    it must go alone (no v2 form, or over 32 KB)."""
+    kw = dict(kwargs or {})
+    meta = kw.pop(META_KEY, None)
+    nargs, nkw = normalize(operation, tuple(args or ()), kw)
+    event_id = meta.get("event_id") if isinstance(meta, dict) else None
+    idx = EVENT_ID_ARG.get(operation)
+    if idx is not None and len(nargs) > idx and nargs[idx]:
+        event_id = nargs[idx]
+    item = to_v2(operation, nargs, nkw, event_id)
+    return item if item is not None and len(_dumps(item)) <= ITEM_MAX_BYTES else None
+
+
 def _item_of(entry: dict[str, Any]) -> dict[str, Any] | None:
     """The v2 form of a parked entry, or None when it must go alone."""
     op = entry.get("operation")
     if op not in BATCHABLE:
         return None
-    kwargs = dict(entry.get("kwargs") or {})
-    meta = kwargs.pop(META_KEY, None) or {}
     try:
-        args, kw = normalize(op, tuple(entry.get("args") or ()), kwargs)
+        return v2_item(str(op), entry.get("args"), entry.get("kwargs"))
     except ValidationError:
         return None  # alone, it is dead-lettered with its own reason
-    event_id = meta.get("event_id")
-    idx = EVENT_ID_ARG.get(op)
-    if idx is not None and len(args) > idx and args[idx]:
-        event_id = args[idx]
-    item = to_v2(op, args, kw, event_id)
-    return item if len(_dumps(item)) <= ITEM_MAX_BYTES else None
 
 
 @dataclass
@@ -237,20 +268,14 @@ def read_items(entries: Any) -> Plan:
             plan.outcomes[-1] = ALONE
             continue
         try:
-            args, kw = normalize(item.operation, tuple(entry["args"]), {
-                k: v for k, v in entry["kwargs"].items() if k != META_KEY})
+            v2 = v2_item(item.operation, entry["args"], entry["kwargs"])
         except ValidationError as exc:
             plan.outcomes[-1] = DeadLetter(f"invalid:{exc.field}")
             continue
         except Exception as exc:  # noqa: BLE001 - kept for a human, never dropped
             plan.outcomes[-1] = DeadLetter(f"internal:{type(exc).__name__}")
             continue
-        event_id = meta.event_id
-        idx = EVENT_ID_ARG.get(item.operation)
-        if idx is not None and len(args) > idx and args[idx]:
-            event_id = args[idx]
-        v2 = to_v2(item.operation, args, kw, event_id)
-        if len(_dumps(v2)) > ITEM_MAX_BYTES:
+        if v2 is None:
             plan.outcomes[-1] = ALONE
         else:
             item.v2 = v2

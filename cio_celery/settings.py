@@ -198,6 +198,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Release parked Track-API operations after an outage as `/api/v2/batch` requests "
         "(up to 500 KB each) instead of one request per operation.",
     ),
+    Setting("batch_coalesce", "CIO_BATCH_COALESCE", _bool,
+        "Adaptive batching: when batchable Track-API operations arrive faster than the rate limit "
+        "lets single requests go, they wait in a buffer and leave as `/api/v2/batch` requests; "
+        "below the limit each goes alone.",
+    ),
+    Setting("batch_linger", "CIO_BATCH_LINGER", float,
+        "Longest an operation waits in the batching buffer before its batch leaves, seconds.",
+    ),
+    Setting("batch_min_size", "CIO_BATCH_MIN_SIZE", int,
+        "Operations in the buffer that make a batch leave at once, before the linger ends.",
+    ),
     Setting("batch_max_operations", "CIO_BATCH_MAX_OPERATIONS", int,
         "Most operations in one batch request.",
     ),
@@ -278,6 +289,9 @@ class Settings:
     spool_max_attempts: int = 5
     ledger: bool = True
     batch_drain: bool = True
+    batch_coalesce: bool = True
+    batch_linger: float = 0.1
+    batch_min_size: int = 20
     batch_max_operations: int = 1000
     rate_limit_track: float = 100.0
     rate_limit_transactional: float = 100.0
@@ -457,6 +471,10 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("rate_limit_headroom", "must be in [0, 1)")
     if s.batch_max_operations < 1:
         raise ConfigurationError("batch_max_operations", "must be at least 1")
+    if not 0 < s.batch_linger <= 60:
+        raise ConfigurationError("batch_linger", "must be in (0, 60] seconds")
+    if not 1 <= s.batch_min_size <= s.batch_max_operations:
+        raise ConfigurationError("batch_min_size", "must be between 1 and batch_max_operations")
     if s.rate_limit_burst < 1:
         raise ConfigurationError("rate_limit_burst", "must be at least 1")
     if s.breaker_on_store_error not in {"retry", "allow"}:

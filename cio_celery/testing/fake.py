@@ -893,10 +893,8 @@ def _handle_batch(
             problem = ("invalid", "", "operation must be a JSON object")
         elif len(_dumps(item)) > BATCH_ITEM_MAX_BYTES:
             problem = ("size_limit", "", f"operation exceeds {BATCH_ITEM_MAX_BYTES} bytes")
-        elif "type" not in item:
-            problem = ("required", "type", "type is required")
-        elif "action" not in item:
-            problem = ("required", "action", "action is required")
+        elif (problem := check_v2_item(item)) is not None:
+            pass
         elif predicate is not None:
             reason = predicate(index, item)
             if reason is not None:
@@ -908,21 +906,88 @@ def _handle_batch(
         item_dict = cast(dict[str, Any], item)
         action = str(item_dict["action"])
         event_id = _event_id(item_dict.get("id")) if action in _DEDUP_BATCH_ACTIONS else None
-        pending.append(
-            _PendingOp(
-                f"batch:{action}", _first_identifier(item_dict.get("identifiers")), item_dict, event_id
-            )
-        )
+        who = item_dict.get("primary") if action == "merge" else item_dict.get("identifiers")
+        pending.append(_PendingOp(f"batch:{action}", _first_identifier(who), item_dict, event_id))
     if errors:
         return 207, {"errors": errors}, pending
     return 200, {}, pending
 
 
+# The v2 person operations (Track API v2 OpenAPI, ``person_*`` schemas) and what each requires.
+_V2_PERSON_ACTIONS: Final = {
+    "identify": (), "delete": (), "suppress": (), "unsuppress": (),
+    "event": ("name",), "page": ("name",), "screen": ("name",),
+    "add_device": ("device",), "delete_device": ("device",),
+    "merge": ("primary", "secondary"),
+    "add_relationships": ("cio_relationships",), "delete_relationships": ("cio_relationships",),
+}
+_V2_IDENTIFIERS: Final = frozenset({"id", "email", "cio_id"})
+
+
+def _one_identifier(value: Any, allowed: frozenset[str]) -> str | None:
+    """Why ``value`` is not exactly one non-blank identifier among ``allowed`` (None: it is)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return "must hold exactly one identifier"
+    (name, ident), = value.items()
+    if name not in allowed:
+        return f"identifier {name!r} is not one of {sorted(allowed)}"
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool) or str(ident).strip() == "":
+        return "identifier must be a non-blank string or number"
+    return None
+
+
+def check_v2_item(item: dict[str, Any]) -> tuple[str, str, str] | None:
+    """Why Customer.io would refuse one v2 batch/entity operation: (reason, field, message)."""
+    kind, action = item.get("type"), item.get("action")
+    if kind is None:
+        return ("required", "type", "type is required")
+    if action is None:
+        return ("required", "action", "action is required")
+    if kind != "person":
+        return ("invalid", "type", "only person operations are served by this fake")
+    if action not in _V2_PERSON_ACTIONS:
+        return ("invalid", "action", f"unknown person action {action!r}")
+    for field in _V2_PERSON_ACTIONS[action]:
+        if field not in item:
+            return ("required", field, f"{field} is required for {action}")
+    if action == "merge":
+        for side in ("primary", "secondary"):
+            problem = _one_identifier(item.get(side), _V2_IDENTIFIERS)
+            if problem:
+                return ("invalid", side, problem)
+        if "identifiers" in item:
+            return ("invalid", "identifiers", "merge takes primary and secondary, not identifiers")
+    else:
+        allowed = _V2_IDENTIFIERS | {"anonymous_id"} if action in _DEDUP_BATCH_ACTIONS else _V2_IDENTIFIERS
+        problem = _one_identifier(item.get("identifiers"), allowed)
+        if problem:
+            return ("invalid", "identifiers", problem)
+    if action in _DEDUP_BATCH_ACTIONS:
+        if not isinstance(item.get("name"), str) or not item["name"]:
+            return ("invalid", "name", "name must be a non-empty string")
+        if "id" in item and not isinstance(item["id"], str):
+            return ("invalid", "id", "id must be a string (a ULID)")
+        if "timestamp" in item and (not isinstance(item["timestamp"], int) or isinstance(item["timestamp"], bool)):
+            return ("invalid", "timestamp", "timestamp must be a unix time in seconds")
+    if action in ("add_device", "delete_device"):
+        device = item.get("device")
+        if not isinstance(device, dict) or not isinstance(device.get("token"), str) or not device["token"]:
+            return ("invalid", "device", "device.token is required")
+        if "platform" in device and device["platform"] not in ("ios", "android"):
+            return ("invalid", "device", "device.platform must be ios or android")
+        if action == "add_device" and "platform" not in device:
+            return ("required", "device", "device.platform is required for add_device")
+    if "attributes" in item and not isinstance(item["attributes"], dict):
+        return ("invalid", "attributes", "attributes must be an object")
+    return None
+
+
 def _handle_entity(data: dict[str, Any]) -> tuple[int, Any, list[_PendingOp]]:
     """``POST /api/v2/entity``: one operation shaped like a v2 batch item."""
-    for field in ("type", "action"):
-        if field not in data:
-            return 400, {"errors": [{"reason": "required", "field": field, "message": f"{field} is required"}]}, []
+    problem = check_v2_item(data)
+    if problem is not None:
+        reason, field, message = problem
+        return 400, {"errors": [{"reason": reason, "field": field, "message": message}]}, []
     if len(_dumps(data)) > BATCH_ITEM_MAX_BYTES:
         return 400, {"errors": [{"reason": "size_limit", "field": "", "message": "operation too large"}]}, []
     action = str(data["action"])
