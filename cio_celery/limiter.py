@@ -35,7 +35,8 @@ from .store import ScriptCall, key, run_script
 __all__ = ["Limiter", "Slot", "bucket_of"]
 
 # KEYS: tat, pause. ARGV: interval us, burst, max sleep us, held slot (unix us, 0: none),
-# horizon us. Returns {granted (1/0), wait us, reserved slot (unix us, 0: none)}.
+# horizon us, late (1: reserve a slot beyond the sleep, 0: decline it, 2: peek, reserve nothing).
+# Returns {granted (1/0), wait us, reserved slot (unix us, 0: none)}.
 #
 # A held slot (reserved on an earlier visit) is honoured when its time has come and no
 # pause began since; otherwise the next free slot is reserved, after any pause, unless it is
@@ -63,8 +64,13 @@ if tat < paused then tat = paused end
 local start = tat - (tonumber(ARGV[2]) - 1) * interval
 local wait = start - now
 if wait < 0 then wait = 0 end
-if wait > tonumber(ARGV[5]) then
+local late = tonumber(ARGV[6] or '1')
+if wait > tonumber(ARGV[5]) or (late == 0 and wait > tonumber(ARGV[3])) then
   return {0, wait, 0}
+end
+if late == 2 then
+  if wait > tonumber(ARGV[3]) then return {0, wait, 0} end
+  return {1, wait, 0}
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
@@ -121,14 +127,19 @@ class Limiter:
     def _keys(self, bucket: str) -> list[str]:
         return [key(self.settings, "rl", bucket), key(self.settings, "rl", bucket, "pause")]
 
-    def acquire_call(self, bucket: str, held: int = 0) -> ScriptCall | None:
-        """The acquire script; ``held`` is a slot reserved on an earlier visit (unix µs)."""
+    def acquire_call(self, bucket: str, held: int = 0, late: int = 1) -> ScriptCall | None:
+        """The acquire script; ``held`` is a slot reserved on an earlier visit (unix µs).
+
+        ``late``: 1 reserves a slot further away than ``rate_limit_max_sleep`` (the task is
+        rescheduled to it), 0 declines it (the operation goes to the batching buffer instead),
+        2 only looks (reserves nothing, even a slot that is free now).
+        """
         rate = self.rate_of(bucket)
         if rate <= 0:
             return None
         s = self.settings
         args = [int(1_000_000 / rate), max(1, s.rate_limit_burst), int(s.rate_limit_max_sleep * 1_000_000),
-                int(held), int(s.max_countdown * 0.9 * 1_000_000)]
+                int(held), int(s.max_countdown * 0.9 * 1_000_000), late]
         return ScriptCall(_ACQUIRE, self._keys(bucket), args)
 
     @staticmethod
