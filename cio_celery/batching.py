@@ -38,12 +38,12 @@ from .fallback import Fallback, read_entry
 from .guard import BatchGuard
 from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, Meta
-from .operations import EVENT_ID_ARG
+from .operations import BATCHABLE, EVENT_ID_ARG
 from .outcomes import DeadLetter, Delivered, Outcome, Park, Suppressed
 from .outcomes import Retry as RetryOutcome
 from .quarantine import Quarantine
 from .settings import Settings, settings_for_app
-from .store import combine, run_pipelined
+from .store import combine, key, redis_for, run_pipelined
 from .validation import normalize
 
 __all__ = ["BATCHABLE", "BATCH_TASK", "pack", "to_v2"]
@@ -102,7 +102,7 @@ _CONVERTERS: dict[str, Callable[[tuple[Any, ...], dict[str, Any], str | None], d
     "suppress": lambda a, _kw, _e: {**_person(a[0]), "action": "suppress"},
     "unsuppress": lambda a, _kw, _e: {**_person(a[0]), "action": "unsuppress"},
 }
-BATCHABLE = frozenset(_CONVERTERS)
+assert frozenset(_CONVERTERS) == BATCHABLE, "operations.BATCHABLE and the converters must agree"
 
 
 def to_v2(operation: str, args: tuple[Any, ...], kwargs: dict[str, Any], event_id: str | None
@@ -415,7 +415,8 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
                 run_pipelined(settings, [guard.ledger.clear_call(ended)])
         alone = [plan.items[i] for i, o in enumerate(plan.outcomes) if o is ALONE]
         for item in alone:
-            fallback.publish(item.with_meta(item.meta.changed(slot=0)))
+            # Alone for good: it is never coalesced into a batch again.
+            fallback.publish(item.with_meta(item.meta.changed(slot=0, alone=1)))
         counts = {
             "delivered": sum(isinstance(o, Delivered) for o in plan.outcomes),
             "suppressed": sum(isinstance(o, Suppressed) for o in plan.outcomes),
@@ -424,6 +425,7 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
             "retrying": len(plan.undecided()) if plan.retry is not None else 0,
         }
         _log_batch(task, counts, plan.retry)
+        _count_batch(settings, counts)
         if plan.retry is not None:
             retry_entries = [plan.items[i].entry for i in plan.undecided()]
             exc = TransientError("batch", plan.retry.reason, status=plan.retry.status)
@@ -441,6 +443,27 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
                      extra={"cio_event": "batch_requeued", "cio_error": type(exc).__name__})
         time.sleep(REQUEUE_PAUSE)
         return Ending(error=Reject(f"batch action failed ({type(exc).__name__})", requeue=True), acted=False)
+
+
+# Batch sizes counted in {prefix}:stats by their upper bound (Prometheus reads them).
+SIZE_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def _count_batch(settings: Settings, counts: dict[str, int]) -> None:
+    """Count a batch request that delivered operations (best effort: a metric never fails it)."""
+    n = counts.get("delivered", 0)
+    if not n:
+        return
+    bucket = next((b for b in SIZE_BUCKETS if n <= b), SIZE_BUCKETS[-1])
+    try:
+        pipe = redis_for(settings).pipeline(transaction=False)
+        stats = key(settings, "stats")
+        pipe.hincrby(stats, "batch:requests", 1)
+        pipe.hincrby(stats, "batch:delivered", n)
+        pipe.hincrby(stats, f"batch:size_le_{bucket}", 1)
+        pipe.execute()
+    except Exception:  # noqa: BLE001, S110 - a metric must never fail a delivery
+        pass
 
 
 def _log_batch(task: Any, counts: dict[str, int], retry: RetryOutcome | None) -> None:

@@ -12,26 +12,29 @@ exception that Celery would acknowledge and drop.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery.exceptions import Reject, Retry
 
 from . import policy
 from .client import clients_for
+from .coalesce import coalescing
 from .deadletters import DeadLetters
 from .exceptions import PermanentError, TransientError, ValidationError
 from .fallback import Fallback
 from .guard import Guard
 from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, Meta, internal_publish
-from .operations import api_of, perform
-from .outcomes import DeadLetter, Delivered, Outcome, Park, Requeue, Suppressed
+from .operations import BATCHABLE, api_of, perform
+from .outcomes import Coalesced, DeadLetter, Delivered, Outcome, Park, Requeue, Suppressed
 from .outcomes import Retry as RetryOutcome
 from .settings import Settings
 from .store import key, redis_for, run_scripts
@@ -163,13 +166,15 @@ def decide(attempt: Attempt, guard: Guard) -> Outcome:
             detail=f"{missing} is not set")
         return DeadLetter("not_configured")
     try:
-        guard.take(meta.slot)
+        guard.take(meta.slot, _coalesce_entry(attempt, guard), _behind(attempt))
     except Exception as exc:
         if not (policy.is_store_unavailable(exc) and s.breaker_on_store_error == "allow"):
             raise
         # breaker_on_store_error = allow: call Customer.io unguarded (no claim, no permit).
         log(logging.WARNING, "store_unavailable", attempt.task, "unguarded", error=type(exc).__name__)
         guard.unguard()
+    if guard.coalesced:
+        return Coalesced()
     claim, permit, slot = guard.claim, guard.permit, guard.slot
     if claim is not None and claim.state in ("done", "dead"):
         # Delivered, or in dead letters, already: this is a redelivered or repeated copy.
@@ -199,6 +204,30 @@ def decide(attempt: Attempt, guard: Guard) -> Outcome:
         return Delivered(facts or {})
     error.for_operation(op)
     return policy.after_failure(op, error, meta, attempt.retries, s)
+
+
+def _behind(a: Attempt) -> bool:
+    """Whether the message waited in its queue longer than the batching linger (a backlog)."""
+    at = a.meta.published_at
+    if at is None:
+        return False
+    eta = getattr(a.task.request, "eta", None)
+    if eta:
+        try:
+            at = max(at, datetime.fromisoformat(str(eta)).timestamp())
+        except ValueError:
+            return False
+    return time.time() - at > a.settings.batch_linger
+
+
+def _coalesce_entry(a: Attempt, guard: Guard) -> str | None:
+    """The buffer entry of a batchable operation that may be coalesced, else None."""
+    m = a.meta
+    if a.operation not in BATCHABLE or m.alone or m.slot or not coalescing(a.settings, guard.limiter):
+        return None
+    kwargs = a.message_kwargs(m)
+    return json.dumps({"operation": a.operation, "task_id": a.task_id, "args": list(a.args), "kwargs": kwargs},
+                      separators=(",", ":"))
 
 
 def act(attempt: Attempt, outcome: Outcome, guard: Guard) -> Ending:
@@ -255,6 +284,12 @@ def _park(a: Attempt, o: Park, g: Guard) -> Ending:
     return Ending(result={"parked": True})
 
 
+def _coalesced(a: Attempt, o: Coalesced, _g: Guard) -> Ending:
+    log(logging.DEBUG, "coalesced", a.task, "coalesced")
+    send_event(a.task, "task-cio-coalesced")
+    return Ending(result={"coalesced": True})
+
+
 def _dead_letter(a: Attempt, o: DeadLetter, g: Guard) -> Ending:
     # A replay starts with a fresh budget: only the key, the event id and the enqueue time go on.
     meta = Meta(key=a.meta.key, enqueued_at=a.meta.enqueued_at, event_id=a.meta.event_id)
@@ -281,6 +316,7 @@ _ACTIONS: dict[type, Callable[[Attempt, Any, Guard], Ending]] = {
     Suppressed: _suppressed,
     RetryOutcome: _retry,
     Park: _park,
+    Coalesced: _coalesced,
     DeadLetter: _dead_letter,
     Requeue: _requeue,
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 from .breaker import Breaker
 from .exceptions import ValidationError
-from .meta import internal_publish
+from .meta import META_KEY, internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
 from .store import ScriptCall, key, redis_for, run_script
@@ -61,13 +61,25 @@ def read_entry(raw: Any) -> tuple[dict[str, Any] | None, str]:
 
 
 class Fallback:
-    """Park, count and release operations (FIFO) for one settings' store."""
+    """Park, count and release operations (FIFO) for one settings' store.
 
-    def __init__(self, settings: Settings, app: Any = None) -> None:
+    ``buffer="coalesce"`` is the adaptive-batching buffer (see coalesce.py): the same list
+    operations, released to the main queue, and an operation released alone from it is marked
+    so that it is not coalesced into a batch again.
+    """
+
+    def __init__(self, settings: Settings, app: Any = None, buffer: str = "fallback") -> None:
         self.settings = settings
         self.app = app
-        self._list = key(settings, "fallback", "ops")
-        self._lock = key(settings, "fallback", "releaser")
+        self.buffer = buffer
+        if buffer == "coalesce":
+            self._list = key(settings, "coalesce")
+            self._lock = key(settings, "coalesce", "drainer")
+            self.queue = settings.queue
+        else:
+            self._list = key(settings, "fallback", "ops")
+            self._lock = key(settings, "fallback", "releaser")
+            self.queue = settings.fallback_queue
 
     @property
     def _redis(self) -> Any:
@@ -124,7 +136,7 @@ class Fallback:
                 index_of = {id(e): i for i, e in entries}
                 for group in packed.batches:
                     with internal_publish():
-                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.settings.fallback_queue)
+                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue)
                     for e in group:
                         handled[index_of[id(e)]] = True
                 for e in packed.singles:
@@ -152,11 +164,14 @@ class Fallback:
                 status=None, attempts=1, args=entry["args"], kwargs=entry["kwargs"])
 
     def publish(self, entry: dict[str, Any]) -> None:
-        """Publish one parked entry to the fallback queue as its own task."""
+        """Publish one parked entry to its queue as its own task."""
         task = self.app.tasks[f"cio_celery.{entry['operation']}"]
+        kwargs = entry["kwargs"]
+        if self.buffer == "coalesce":
+            # It could not join a batch (too big, no v2 form): it must not be coalesced again.
+            kwargs = {**kwargs, META_KEY: {**(kwargs.get(META_KEY) or {}), "alone": 1}}
         with internal_publish():
-            task.apply_async(entry["args"], entry["kwargs"], task_id=entry["task_id"],
-                             queue=self.settings.fallback_queue)
+            task.apply_async(entry["args"], kwargs, task_id=entry["task_id"], queue=self.queue)
 
     def acquire_lease(self, token: str, ttl: float) -> bool:
         return bool(run_script(self.settings, _RENEW, [self._lock], [token, int(ttl * 1000)]))

@@ -24,13 +24,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .breaker import Breaker, Permit, breaker_for
+from .coalesce import admit_call
 from .exceptions import DeliveryError, StoreStateError
 from .idempotency import Claim, Claims
 from .ledger import Ledger
 from .limiter import Limiter, Slot, bucket_of
 from .policy import CallOutcome, breaker_outcome
 from .settings import Settings
-from .store import ScriptCall, run_pipelined, run_scripts
+from .store import ScriptCall, run_pipelined, run_script, run_scripts
 
 __all__ = ["BatchGuard", "Guard"]
 
@@ -141,6 +142,7 @@ class Guard(_Base):
         self._token: str | None = None  # a claim of ours (or maybe ours) to settle
         self._delivered = False
         self._held = False
+        self.coalesced = False  # the admission put the operation in the batching buffer
 
     def __enter__(self) -> Guard:
         return self
@@ -148,12 +150,18 @@ class Guard(_Base):
     def __exit__(self, *exc: object) -> None:
         self.settle(hold=self._in_doubt and exc[0] is not None)
 
-    def take(self, held_slot: int = 0) -> None:
+    def take(self, held_slot: int = 0, coalesce_entry: str | None = None, behind: bool = False) -> None:
         """Claim the key, ask the breaker and the limiter: one round trip. Raises store errors.
 
-        If it raises, whatever the script did take is given back on settle (the claim by a
-        compare-and-delete on our token, harmless when the claim is not ours).
+        With ``coalesce_entry`` (a batchable operation, adaptive batching on) the admission
+        script decides instead whether it goes alone or joins the batching buffer
+        (:attr:`coalesced`; see coalesce.py). If it raises, whatever the script did take is
+        given back on settle (the claim by a compare-and-delete on our token, harmless when the
+        claim is not ours).
         """
+        if coalesce_entry is not None and self.claims is not None:
+            self._admit(coalesce_entry, behind)
+            return
         calls: list[ScriptCall] = []
         if self.claims is not None:
             call, self._claim_keys, self._token = self.claims.claim_call(self.operation, self.key, self.task_id)
@@ -172,6 +180,31 @@ class Guard(_Base):
             self._read_acquire(results, permit_token)
         except _READ_ERRORS as exc:
             raise StoreStateError(f"unreadable guard answer ({type(exc).__name__})") from None
+
+    def _admit(self, entry: str, behind: bool) -> None:
+        assert self.claims is not None
+        claim_call, self._claim_keys, self._token = self.claims.claim_call(self.operation, self.key, self.task_id)
+        acquire, permit_token = self.breaker.acquire_call() if self.breaker is not None else (None, "")
+        slot_call = self.limiter.acquire_call(self.bucket, 0, late=0)
+        assert slot_call is not None, "adaptive batching needs the rate limiter"
+        ledger = [self.ledger._entries, self.ledger._due] if self.ledger is not None else None
+        call = admit_call(self.settings, claim_call, acquire, slot_call, entry, self.task_id,
+                          self.limiter.rate_of(self.bucket), ledger, behind)
+        claim_res, permit_res, slot_res, flag = run_script(self.settings, call.text, call.keys, call.args)
+        try:
+            if self.breaker is not None:
+                self.permit = self.breaker.acquire_result(permit_res, permit_token)
+            if slot_res is not None:
+                self.slot = Limiter.acquire_result(slot_res)
+            if claim_res is None:  # not claimed: coalesced, or the breaker refused
+                self._token = None
+                self.coalesced = flag is not None
+                return
+            self.claim = Claims.claim_result(claim_res, self._claim_keys, self._token)
+            if not self.claim.owned:
+                self._token = None
+        except _READ_ERRORS as exc:
+            raise StoreStateError(f"unreadable admission answer ({type(exc).__name__})") from None
 
     def unguard(self) -> None:
         """Call without claim or permit (``breaker_on_store_error = allow``, the store is down)."""

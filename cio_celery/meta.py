@@ -26,7 +26,7 @@ META_KEY = "_cio"
 # a task id is 36 characters).
 _MAX_TEXT = 256
 
-_COUNTERS = ("attempts_before", "free", "throttled", "store_errors", "store_waits")
+_COUNTERS = ("attempts_before", "free", "throttled", "store_errors", "store_waits", "alone")
 
 _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("cio_internal_publish", default=False)
 
@@ -61,7 +61,9 @@ class Meta:
     throttled: int = 0  # 429 answers so far
     store_errors: int = 0  # store script errors so far (bounded, then dead letter)
     store_waits: int = 0  # retries because the store could not be reached (sets their backoff)
+    alone: int = 0  # 1: taken out of a batch to go alone; never coalesced into one again
     slot: int = 0  # a rate-limit slot reserved on an earlier visit (unix µs)
+    published_at: float | None = field(default=None, compare=False)  # this message's publish time
     problems: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -94,11 +96,8 @@ class Meta:
         slot, ok = _count(raw.get("slot", 0))
         if not ok:
             problems.append("_cio.slot")
-        enqueued_at = raw.get("enqueued_at")
-        if not (isinstance(enqueued_at, (int, float)) and not isinstance(enqueued_at, bool)
-                and math.isfinite(enqueued_at)):
-            enqueued_at = None
-        return cls(key=str(key), enqueued_at=enqueued_at, event_id=event_id, slot=slot,
+        enqueued_at, at = _time(raw.get("enqueued_at")), _time(raw.get("at"))
+        return cls(key=str(key), enqueued_at=enqueued_at, event_id=event_id, slot=slot, published_at=at,
                    problems=tuple(problems), **counters)
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,6 +119,12 @@ class Meta:
 
     def changed(self, **changes: Any) -> Meta:
         return replace(self, **changes)
+
+
+def _time(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _is_text(value: Any) -> bool:

@@ -8,12 +8,22 @@ from .client import Clients
 from .meta import META_KEY
 from .validation import OPERATIONS
 
-__all__ = ["APP_OPERATIONS", "EVENT_OPERATIONS", "META_KEY", "OPERATIONS", "TRACK_OPERATIONS", "api_of", "perform"]
+__all__ = [
+    "APP_OPERATIONS", "BATCHABLE", "EVENT_OPERATIONS", "META_KEY", "OPERATIONS", "TRACK_OPERATIONS", "api_of",
+    "perform",
+]
 
 # The operation list has one home (validation's signature table); the App API ones are the sends.
 APP_OPERATIONS = tuple(op for op in OPERATIONS if op.startswith("send_"))
 TRACK_OPERATIONS = tuple(op for op in OPERATIONS if op not in APP_OPERATIONS)
 
+
+# Track-API operations that have a /api/v2/batch form (batching.py converts them): they may be
+# drained in batches after an outage and coalesced into batches under load. Transactional sends
+# have their own rate bucket and no batch form; `batch` is a batch already; `backfill` is kept
+# on v1 (its timestamp rules differ).
+BATCHABLE = frozenset({"identify", "track", "track_anonymous", "pageview", "delete", "add_device",
+                       "delete_device", "merge_customers", "suppress", "unsuppress"})
 
 # Operations that carry an event id (a ULID): Customer.io drops a repeated one.
 EVENT_OPERATIONS = frozenset({"track", "track_anonymous", "pageview", "backfill"})

@@ -15,7 +15,7 @@ from typing import Any
 
 from .meta import Meta
 
-__all__ = ["DeadLetter", "Delivered", "Outcome", "Park", "Requeue", "Retry", "Suppressed"]
+__all__ = ["Coalesced", "DeadLetter", "Delivered", "Outcome", "Park", "Requeue", "Retry", "Suppressed"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,16 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class Coalesced:
+    """The admission put the operation in the batching buffer (in the same script): it leaves
+    in a ``/api/v2/batch`` request (see coalesce.py)."""
+
+
+@dataclass(frozen=True)
 class Requeue:
     """Hand the message back to the broker unacknowledged (an action could not be performed)."""
 
     why: str
 
 
-Outcome = Delivered | Suppressed | Retry | Park | DeadLetter | Requeue
+Outcome = Delivered | Suppressed | Retry | Park | Coalesced | DeadLetter | Requeue

@@ -1,5 +1,5 @@
-"""Worker-side wiring: check the configuration and start the fallback releaser when a worker
-is ready, stop the releaser on shutdown."""
+"""Worker-side wiring: check the configuration and start the fallback releaser and the batching
+drainer when a worker is ready, stop them on shutdown."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from celery import signals
 
 from .breaker import breaker_for
 from .checks import check_worker
+from .coalesce import Coalescer, coalescing
 from .fallback import Fallback, Releaser
+from .limiter import Limiter
 from .settings import settings_for_app
 
 __all__ = ["releaser_of"]
@@ -18,6 +20,7 @@ __all__ = ["releaser_of"]
 logger = logging.getLogger("cio_celery.worker")
 
 _RELEASERS: dict[int, Releaser] = {}
+_COALESCERS: dict[int, Coalescer] = {}
 
 
 def releaser_of(app: Any) -> Releaser | None:
@@ -38,6 +41,10 @@ def _start_releaser(sender: Any = None, **_: Any) -> None:
         releaser = Releaser(Fallback(settings, app), breaker)
         releaser.start()
         _RELEASERS[id(app)] = releaser
+        if coalescing(settings, Limiter(settings)):
+            coalescer = Coalescer(settings, app)
+            coalescer.start()
+            _COALESCERS[id(app)] = coalescer
     except Exception as exc:  # noqa: BLE001 - never prevent a worker from starting
         logger.error("cio_celery: fallback releaser not started: %s", exc)
 
@@ -47,6 +54,9 @@ def _stop_releaser(sender: Any = None, **_: Any) -> None:
     releaser = _RELEASERS.pop(id(app), None) if app is not None else None
     if releaser is not None:
         releaser.stop()
+    coalescer = _COALESCERS.pop(id(app), None) if app is not None else None
+    if coalescer is not None:
+        coalescer.stop()
 
 
 def _carry_events_flag(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:

@@ -1,0 +1,217 @@
+"""Adaptive batching: past the rate limit, batchable operations leave in ``/api/v2/batch`` requests.
+
+Customer.io limits the Track API by requests, not operations. Below the limit each operation
+goes alone, at today's latency. Past it, one request per operation builds a backlog however many
+workers run; a v2 batch carries up to 1,000 operations in one request.
+
+Admission (one Lua script per attempt of a batchable operation, instead of the guard's three):
+
+- the breaker is not closed: as before (a rejection parks the operation; a half-open probe goes
+  alone);
+- the buffer already holds operations, or the message waited in its queue longer than
+  ``batch_linger`` (the workers are behind: a backlog is drained in batches, not at the single
+  path's pace), or more batchable operations arrived during the last second than the rate limit
+  lets single requests go, or no rate-limit slot is free within ``rate_limit_max_sleep``: the
+  operation is appended to the buffer and its message is acknowledged. No claim is taken and no
+  slot is reserved; its ledger entry goes (the buffer is durable, in the store);
+- otherwise it takes its slot and its claim, and goes alone.
+
+The drainer (:class:`Coalescer`, a thread in each worker; a lease lets one of them drain at a
+time) takes the oldest operations when ``batch_min_size`` of them wait, or the oldest waited
+``batch_linger``, and a rate-limit slot is free: batches never outrun the limit, and under heavier
+load they grow instead (up to ``batch_max_operations`` and 500 KB). Each leaves as a
+``cio_celery.deliver_batch`` task on the main queue, which keeps every guarantee per item
+(claims, done marks, 207 per item, event ids: see batching.py). An operation that cannot join a
+batch (no v2 form, over 32 KB) is published alone, marked so that it is never coalesced again.
+
+Keys: ``{prefix}:coalesce`` (list of entries, as parked ones), ``{prefix}:coalesce:since`` (ms
+when the buffer last became non-empty), ``{prefix}:coalesce:arrivals`` (hash: unix second ->
+arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import threading
+from typing import Any
+
+from .fallback import Fallback
+from .limiter import Limiter
+from .settings import Settings
+from .store import ScriptCall, key, redis_for, run_script
+
+__all__ = ["Coalescer", "admit_call", "coalescing"]
+
+logger = logging.getLogger("cio_celery.coalesce")
+
+# A breaker turned off still answers "allow" to the admission script.
+_ALLOW = "return {'allow', '0', '0', ''}"
+
+
+def coalescing(settings: Settings, limiter: Limiter) -> bool:
+    """Whether batchable operations may be coalesced: on, with a Track rate limit and claims."""
+    return settings.batch_coalesce and settings.idempotency_enabled and limiter.rate_of("track") > 0
+
+
+@functools.lru_cache(maxsize=8)
+def _admit_text(claim: str, acquire: str, slot: str) -> str:
+    return f"""local function s_claim(KEYS, ARGV)
+{claim}
+end
+local function s_acquire(KEYS, ARGV)
+{acquire}
+end
+local function s_slot(KEYS, ARGV)
+{slot}
+end
+-- ARGV starts with the key and argument counts of the four parts (claim, acquire, slot,
+-- coalesce); then come their arguments, and KEYS holds their keys, one part after the other.
+local kpos, apos, g = 1, 9, {{}}
+for i = 1, 4 do
+  local nk, na = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local k, a = {{}}, {{}}
+  for j = 1, nk do k[j] = KEYS[kpos + j - 1] end
+  for j = 1, na do a[j] = ARGV[apos + j - 1] end
+  kpos, apos = kpos + nk, apos + na
+  g[i] = {{k, a}}
+end
+-- coalesce part: KEYS buffer, since, arrivals, ledger entries, ledger due;
+-- ARGV entry, task id, single requests per second, ledger on (1/0), behind (1/0: the message
+-- waited in its queue longer than the linger).
+local ck, ca = g[4][1], g[4][2]
+local permit = s_acquire(g[2][1], g[2][2])
+if permit[1] == 'reject' then return {{false, permit, false, false}} end
+if permit[1] ~= 'allow' then
+  return {{s_claim(g[1][1], g[1][2]), permit, s_slot(g[3][1], g[3][2]), false}}
+end
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local arrived = tonumber(redis.call('HGET', ck[3], tostring(sec - 1)) or '0') or 0
+redis.call('HINCRBY', ck[3], tostring(sec), 1)
+redis.call('HDEL', ck[3], tostring(sec - 2))
+redis.call('EXPIRE', ck[3], 5)
+local buffered = redis.call('LLEN', ck[1]) > 0
+local slot = false
+local go = buffered or ca[5] == '1' or arrived > tonumber(ca[3])
+if not go then
+  slot = s_slot(g[3][1], g[3][2])
+  go = slot[1] == 0
+end
+if go then
+  if redis.call('RPUSH', ck[1], ca[1]) == 1 then
+    redis.call('SET', ck[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
+  end
+  if ca[4] == '1' then
+    redis.call('HDEL', ck[4], ca[2])
+    redis.call('ZREM', ck[5], ca[2])
+  end
+  return {{false, permit, slot, 'coalesced'}}
+end
+return {{s_claim(g[1][1], g[1][2]), permit, slot, false}}
+"""
+
+
+def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None, slot: ScriptCall,
+               entry: str, task_id: str, single_rate: float, ledger_keys: list[str] | None,
+               behind: bool = False) -> ScriptCall:
+    """The admission script of one batchable operation (see the module docstring).
+
+    ``slot`` must decline a far slot (``late=0``); ``acquire`` is None when the breaker is off.
+    Answers ``[claim answer or False, permit answer, slot answer or False, 'coalesced' or False]``.
+    """
+    acq = acquire or ScriptCall(_ALLOW, [], [])
+    ledger = ledger_keys or [key(settings, "ledger"), key(settings, "ledger", "due")]
+    extra = ScriptCall("", [key(settings, "coalesce"), key(settings, "coalesce", "since"),
+                            key(settings, "coalesce", "arrivals"), *ledger],
+                       [entry, task_id, repr(single_rate), "1" if ledger_keys else "0", "1" if behind else "0"])
+    parts = (claim, acq, slot, extra)
+    keys: list[str] = []
+    args: list[Any] = []
+    for c in parts:
+        args += [len(c.keys), len(c.args)]
+    for c in parts:
+        keys += list(c.keys)
+        args += list(c.args)
+    return ScriptCall(_admit_text(claim.text, acq.text, slot.text), keys, args)
+
+
+# KEYS: buffer, since. After a drain: the buffer's age restarts, or ends with the buffer.
+_RESINCE = """
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) return 0 end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[2], tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+return 1
+"""
+
+
+class Coalescer:
+    """The drainer: a daemon thread in each worker; its lease lets one of them drain at a time."""
+
+    def __init__(self, settings: Settings, app: Any) -> None:
+        self.settings = settings
+        self.app = app
+        self.buffer = Fallback(settings, app, buffer="coalesce")
+        self.limiter = Limiter(settings)
+        self._since = key(settings, "coalesce", "since")
+        self.token = secrets.token_hex(8)
+        self.tick_interval = max(0.005, min(0.02, settings.batch_linger / 4))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.drained = 0
+        self.batches = 0
+
+    def tick(self) -> int:
+        """One round: hold the lease, drain one batch's worth when it is due; returns how many."""
+        s = self.settings
+        if not self.buffer.acquire_lease(self.token, max(1.0, 20 * self.tick_interval)):
+            return -1
+        pipe = redis_for(s).pipeline(transaction=False)
+        pipe.llen(self.buffer._list)
+        pipe.get(self._since)
+        pipe.time()
+        n, since, now = pipe.execute()
+        if not n:
+            return 0
+        age = (int(now[0]) * 1000 + int(now[1]) // 1000 - int(since or 0)) / 1000.0
+        if int(n) < s.batch_min_size and age < s.batch_linger:
+            return 0
+        # Pace by the limiter: a batch leaves when a slot is free now. Under heavier load the
+        # buffer grows meanwhile and the next batch is bigger.
+        if int(n) < s.batch_max_operations:
+            call = self.limiter.acquire_call("track", late=2)
+            if call is not None:
+                granted = int(run_script(s, call.text, call.keys, call.args)[0])
+                if not granted:
+                    return 0
+        done = self.buffer.release(s.batch_max_operations, batch=True)
+        run_script(s, _RESINCE, [self.buffer._list, self._since], [])
+        self.drained += done
+        self.batches += 1 if done else 0
+        return done
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                held = self.tick()
+            except Exception as exc:  # noqa: BLE001 - the store may be down; try again later
+                logger.warning("cio_celery batching drainer: %s", type(exc).__name__)
+                held = -1
+            # Not the lease holder (or failing): look again in a second, not every tick.
+            self._stop.wait(1.0 if held < 0 else self.tick_interval)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="cio-batching-drainer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        try:
+            self.buffer.drop_lease(self.token)
+        except Exception:  # noqa: BLE001, S110 - best effort: the lease expires anyway
+            pass

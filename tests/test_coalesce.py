@@ -1,0 +1,112 @@
+"""Adaptive batching through real worker processes: alone below the rate limit, in
+``/api/v2/batch`` requests past it, each operation applied once either way."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from cio_celery.idempotency import Claims
+from cio_celery.ledger import Ledger
+from cio_celery.settings import settings_for_app
+from cio_celery.testing import FakeCustomerIO
+from tests.chaos_harness import Cluster, chaos_cluster, wait_all_applied
+
+pytestmark = [pytest.mark.slow]
+
+LIMITED = {"CIO_RATE_LIMIT_TRACK": "100", "CIO_BATCH_LINGER": "0.1", "CIO_BATCH_MIN_SIZE": "20"}
+
+
+def by_kind(fake: FakeCustomerIO) -> Counter[str]:
+    return Counter("batch" if r.operation == "batch" else "single" for r in fake.requests)
+
+
+def test_below_the_limit_every_operation_goes_alone() -> None:
+    with chaos_cluster(workers=1, concurrency=2, **LIMITED) as c:
+        c.fake.set_latency(0.01)
+        track = c.task("track")
+        for i in range(40):
+            track.delay(f"user-{i}", "light", {"seq": i})
+            time.sleep(0.05)  # 20/s, a fifth of the limit
+        wait_all_applied(c, 40, timeout=30)
+        assert by_kind(c.fake) == {"single": 40}
+
+
+def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
+    n = 1500
+    with chaos_cluster(workers=1, concurrency=4, **LIMITED) as c:
+        c.fake.set_latency(0.03)
+        started = time.monotonic()
+        c.enqueue_track(n)
+        took = wait_all_applied(c, n, timeout=120)
+        time.sleep(1.0)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        kinds = by_kind(c.fake)
+        batch_items = sum(len(r.json["batch"]) for r in c.fake.requests if r.operation == "batch")
+        assert kinds["batch"] >= 1
+        assert batch_items >= n * 0.8, f"most operations went in batches: {kinds}, {batch_items} batch items"
+        assert batch_items / kinds["batch"] >= 20, "at least 20 operations per batch request"
+        assert len(c.fake.requests) < n / 10
+        settings = settings_for_app(c.producer)
+        assert Ledger(settings).depth() == 0, "every batched operation left the ledger"
+        print(f"\n{n} track past the limit: {kinds}, {batch_items} operations in batches, "
+              f"{batch_items / kinds['batch']:.0f} per batch, {n / (time.monotonic() - started):.0f} ops/s, "
+              f"all applied {took:.1f} s after the enqueue")
+
+
+def every_batchable_operation(c: Cluster, i: int) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    return [
+        ("identify", (f"user-{i}",), {"seq": i, "plan": "pro"}),
+        ("track", (f"user-{i}", "ev", {"seq": i}), {}),
+        ("track_anonymous", (f"anon-{i}", "anon_ev", {"seq": i}), {}),
+        ("pageview", (f"user-{i}", f"/p/{i}"), {"seq": i}),
+        ("add_device", (f"user-{i}", f"tok-{i}", "ios"), {"last_used": 1700000000, "seq": i}),
+        ("delete_device", (f"user-{i}", f"old-{i}"), {}),
+        ("merge_customers", ("id", f"user-{i}", "email", f"m{i}@example.com"), {}),
+        ("suppress", (f"sup-{i}",), {}),
+        ("unsuppress", (f"sup-{i}",), {}),
+        ("delete", (f"gone-{i}",), {}),
+    ]
+
+
+def test_every_batchable_operation_is_converted_and_applied_once_in_a_burst() -> None:
+    rounds = 30
+    with chaos_cluster(workers=1, concurrency=4, **LIMITED) as c:
+        c.fake.set_latency(0.03)
+        for i in range(rounds):
+            for op, args, kwargs in every_batchable_operation(c, i):
+                c.task(op).apply_async(args, kwargs)
+        expected = rounds * 10
+        deadline = time.monotonic() + 90
+        while len(c.fake.applied) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        ops = Counter(a.operation.removeprefix("batch:") for a in c.fake.applied)
+        assert sum(ops.values()) == expected, ops
+        # Each operation's v2 action, rounds of each; merges and devices included.
+        assert ops["identify"] == rounds and ops["merge"] + ops["merge_customers"] == rounds
+        assert ops["add_device"] == rounds and ops["delete_device"] == rounds
+        assert ops["event"] + ops["track"] + ops["track_anonymous"] == 2 * rounds
+        assert by_kind(c.fake)["batch"] >= 1
+        assert not [r for r in c.fake.requests if r.status == 207], "every v2 item was valid"
+        assert c.dead_letters().count() == 0
+        claims = Claims(settings_for_app(c.producer))
+        assert claims.suppressed() == {}
+
+
+def test_an_operation_too_big_for_a_batch_goes_alone_once() -> None:
+    with chaos_cluster(workers=1, concurrency=2, **LIMITED) as c:
+        c.fake.set_latency(0.03)
+        track = c.task("track")
+        blob = "x" * 33_000  # over the 32 KB a batch item may weigh, under the 100 KB of an event
+        for i in range(300):
+            track.delay(f"user-{i}", "burst", {"seq": i, **({"blob": blob} if i == 150 else {})})
+        wait_all_applied(c, 300, timeout=90)
+        time.sleep(1.0)
+        alone = [r for r in c.fake.requests if r.operation == "track" and (r.json or {}).get("data", {}).get("blob")]
+        assert len(alone) == 1, "published alone once, never coalesced again"
+        assert max(c.applied().values()) == 1
