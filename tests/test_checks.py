@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.transport.redis import Channel
 
 import cio_celery.tasks  # noqa: F401  (registers the shared cio_celery tasks on every app)
@@ -251,11 +252,189 @@ def test_invalid_cio_setting_is_reported_not_raised(broker_url: str) -> None:
 
 
 def test_visibility_checks_only_apply_to_redis() -> None:
-    app = make_app("amqp://guest@127.0.0.1:1//",
-                   **recommended_celery_config(Settings(), visibility_timeout=5))
-    assert check_configuration(app, Settings()) == []
+    app = make_app(AMQP, **recommended_celery_config(Settings(), visibility_timeout=5, transport="amqp"))
+    problems = check_configuration(app, Settings(visibility_timeout=5))
+    # Only the clipped backoff and Retry-After (longer than the 1 s longest countdown) are reported.
+    assert sorted(p.setting for p in problems) == ["CIO_RETRY_AFTER_MAX", "CIO_RETRY_BACKOFF_MAX"]
     redis_app = make_app("redis://127.0.0.1:1/0", **recommended_celery_config(Settings(), visibility_timeout=5))
     only(check_configuration(redis_app, Settings()), "broker_transport_options.visibility_timeout", "error")
+
+
+# -- RabbitMQ (the amqp transport) ------------------------------------------------------------
+
+AMQP = "amqp://guest@127.0.0.1:1//"  # nothing listens: the checks read the configuration only
+CT = "broker_transport_options.consumer_timeout"
+CONFIRM = "broker_transport_options.confirm_publish"
+
+
+def amqp_app(*, transport_options: dict[str, Any] | None = None, **conf: Any) -> Celery:
+    """An app on RabbitMQ with the recommended configuration, changed by ``conf``."""
+    base = recommended_celery_config(Settings(), transport="amqp")
+    if transport_options is not None:
+        base["broker_transport_options"] = transport_options
+    return make_app(AMQP, **{**base, **conf})
+
+
+@pytest.mark.parametrize("transport", ["amqp", "pyamqp", "amqp://u:p@rabbit:5672//", "amqps://rabbit//",
+                                       "pyamqp://a//;pyamqp://b//", "AMQP://rabbit//"])
+def test_recommended_config_for_rabbitmq(transport: str) -> None:
+    import amqp
+
+    conf = recommended_celery_config(Settings(), transport=transport)
+    assert conf["task_acks_late"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["task_default_delivery_mode"] == "persistent"
+    # No Redis options: publisher confirms, and the broker's consumer_timeout (RabbitMQ's default).
+    assert conf["broker_transport_options"] == {"confirm_publish": True, "consumer_timeout": 1800.0}
+    assert "confirm_publish" in inspect.signature(amqp.Connection).parameters
+    # The countdown bound keeps a held countdown plus one attempt below consumer_timeout.
+    assert conf["cio_visibility_timeout"] == 1800.0 - 60.0
+
+
+def test_recommended_config_per_transport() -> None:
+    redis_conf = recommended_celery_config(Settings())
+    assert recommended_celery_config(Settings(), transport="redis://h:6379/0") == redis_conf
+    assert recommended_celery_config(Settings(), transport="sentinel://h:26379") == redis_conf
+    assert "visibility_timeout" in redis_conf["broker_transport_options"]
+    other = recommended_celery_config(Settings(), transport="sqs://")
+    assert "broker_transport_options" not in other and other["task_acks_late"] is True
+
+
+@pytest.mark.parametrize(("consumer_timeout", "time_limit"), [(60, 5), (600, 60), (1800, 60), (1800, 300),
+                                                              (7200, 60), (90, 88)])
+def test_recommended_rabbitmq_config_passes_its_own_checks(consumer_timeout: float, time_limit: float) -> None:
+    settings = Settings(task_time_limit=time_limit)
+    conf = recommended_celery_config(settings, transport="amqp", consumer_timeout=consumer_timeout)
+    app = make_app(AMQP, cio_task_time_limit=time_limit, **conf)
+    problems = check_configuration(app, consumer_queues=QUEUES)
+    # A short consumer_timeout clips the backoff (600 s) and Retry-After (900 s) caps: warned, not wrong.
+    assert {p.setting for p in problems} <= {"CIO_RETRY_AFTER_MAX", "CIO_RETRY_BACKOFF_MAX"}, problems
+    assert all(p.severity == "warning" for p in problems)
+    # What the check compares: the longest countdown held, then one attempt, below consumer_timeout.
+    s = Settings(task_time_limit=time_limit, visibility_timeout=conf["cio_visibility_timeout"])
+    assert s.max_countdown + s.task_time_limit < consumer_timeout
+
+
+def test_recommended_rabbitmq_config_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIO_TASK_TIME_LIMIT", "120")
+    assert recommended_celery_config(transport="amqp")["cio_visibility_timeout"] == 1680.0
+    monkeypatch.setenv("CIO_VISIBILITY_TIMEOUT", "900")  # the user's own bound is kept (and checked)
+    assert recommended_celery_config(transport="amqp")["cio_visibility_timeout"] == 900.0
+    assert recommended_celery_config(transport="amqp", visibility_timeout=10)["cio_visibility_timeout"] == 10.0
+
+
+@pytest.mark.parametrize("consumer_timeout", ["abc", None, 0, float("inf"), -5])
+def test_recommended_rabbitmq_config_never_raises(consumer_timeout: Any) -> None:
+    conf = recommended_celery_config(transport="amqp", consumer_timeout=consumer_timeout)
+    assert conf["broker_transport_options"]["confirm_publish"] is True
+    if consumer_timeout in (0, float("inf"), -5):  # the timeout is off: no bound needed
+        assert "cio_visibility_timeout" not in conf
+
+
+def test_rabbitmq_without_publisher_confirms() -> None:
+    app = amqp_app(transport_options={"consumer_timeout": 1800})
+    p = only(check_configuration(app), CONFIRM, "error")
+    assert "task_acks_late" in p.problem and "recommended_celery_config(transport='amqp')" in p.problem
+    assert check_configuration(amqp_app(transport_options={"confirm_publish": True})) == []
+
+
+def test_redis_checks_do_not_fire_on_rabbitmq_nor_rabbitmq_checks_on_redis(broker_url: str) -> None:
+    # The Redis configuration on RabbitMQ: no visibility-timeout problem, but no confirms either.
+    problems = check_configuration(make_app(AMQP, **recommended_celery_config(Settings(), visibility_timeout=1000)))
+    assert [p.setting for p in problems] == [CONFIRM]
+    # Celery ignores worker_disable_prefetch on RabbitMQ: a prefetch of 4 is still one.
+    only(check_configuration(amqp_app(worker_prefetch_multiplier=4, worker_disable_prefetch=True)),
+         "worker_prefetch_multiplier", "warning")
+    redis_problems = check_configuration(make_app(broker_url, **recommended_celery_config(Settings()),
+                                                  task_default_delivery_mode="transient"))
+    assert redis_problems == []
+
+
+def test_countdowns_longer_than_the_default_consumer_timeout() -> None:
+    # The Redis recommendation on RabbitMQ: countdowns up to 3240 s, RabbitMQ's 30 min assumed.
+    app = amqp_app(transport_options={"confirm_publish": True, "visibility_timeout": 3600.0},
+                   cio_visibility_timeout=None)
+    p = only(check_configuration(app), "broker_transport_options.visibility_timeout", "error")
+    assert "3240 s" in p.problem and "3300 s" in p.problem and "1800 s, RabbitMQ's default" in p.problem
+    assert "set it to 1740 s or less" in p.problem
+
+
+def test_consumer_timeout_declared_by_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIO_VISIBILITY_TIMEOUT", "3600")
+    app = amqp_app(cio_visibility_timeout=None,
+                   transport_options={"confirm_publish": True, "consumer_timeout": 7200})
+    assert check_configuration(app) == []  # 3240 + 60 s < 2 h
+    app = amqp_app(cio_visibility_timeout=None, transport_options={"confirm_publish": True, "consumer_timeout": 600})
+    p = only(check_configuration(app), "CIO_VISIBILITY_TIMEOUT", "error")
+    assert "600 s, broker_transport_options['consumer_timeout']" in p.problem and "540 s or less" in p.problem
+    app = amqp_app(cio_visibility_timeout=None, transport_options={"confirm_publish": True, "consumer_timeout": 0})
+    assert check_configuration(app) == []  # RabbitMQ's timeout is off
+    app = amqp_app(transport_options={"confirm_publish": True, "consumer_timeout": "30m"})
+    assert "not a number" in only(check_configuration(app), CT, "error").problem
+
+
+def test_consumer_timeout_of_the_queue_argument() -> None:
+    # RabbitMQ >= 3.11.15 takes a queue's own x-consumer-timeout (milliseconds) over the node's.
+    queues = [Queue("cio", queue_arguments={"x-consumer-timeout": 600_000}), Queue("cio.fallback")]
+    p = only(check_configuration(amqp_app(task_queues=queues)), "cio_visibility_timeout", "error")
+    assert "x-consumer-timeout of queue 'cio'" in p.problem and "1740 s" in p.problem
+    queues = [Queue("cio", queue_arguments={"x-consumer-timeout": 7_200_000}), Queue("cio.fallback")]
+    p = only(check_configuration(amqp_app(task_queues=queues, cio_visibility_timeout=3600)),
+             "cio_visibility_timeout", "error")
+    assert "(1800 s, broker_transport_options['consumer_timeout'])" in p.problem  # the fallback queue: the node's
+
+
+def test_time_limit_too_close_to_the_consumer_timeout() -> None:
+    app = amqp_app(cio_task_time_limit=1799)
+    p = only(check_configuration(app), "cio_task_time_limit", "error")
+    assert "1799 s" in p.problem and "consumer_timeout (1800 s" in p.problem
+
+
+def test_transient_messages_and_queues_on_rabbitmq() -> None:
+    p = only(check_configuration(amqp_app(task_default_delivery_mode="transient")), "task_default_delivery_mode",
+             "error")
+    assert "restart loses" in p.problem
+    queues = [Queue("cio", durable=False), Queue("cio.fallback", auto_delete=True)]
+    problems = by_setting(check_configuration(amqp_app(task_queues=queues)), "task_queues")
+    assert len(problems) == 2 and all(p.severity == "error" for p in problems)
+    assert "'cio' is not durable" in problems[0].problem and "'cio.fallback' is auto_delete" in problems[1].problem
+    queues = [Queue("cio", Exchange("cio", durable=False), routing_key="cio"), Queue("cio.fallback")]
+    p = only(check_configuration(amqp_app(task_queues=queues)), "task_queues", "error")
+    assert "non-durable exchange 'cio'" in p.problem
+
+
+def test_quorum_queues_need_native_delayed_delivery() -> None:
+    if not hasattr(Celery().conf, "task_create_missing_queue_type"):
+        pytest.skip("Celery without task_create_missing_queue_type")
+    quorum = {"task_create_missing_queue_type": "quorum"}
+    p = only(check_configuration(amqp_app(**quorum)), "task_queues", "warning")
+    assert "queues 'cio', 'cio.fallback' are bound to a direct exchange" in p.problem
+    # On topic exchanges, countdowns wait in RabbitMQ's delay queues: only one attempt is held.
+    topic = {**quorum, "task_create_missing_queue_exchange_type": "topic"}
+    assert check_configuration(amqp_app(**topic)) == []
+    assert check_configuration(amqp_app(**topic, cio_visibility_timeout=36000)) == []
+    p = only(check_configuration(amqp_app(**topic, worker_detect_quorum_queues=False)),
+             "worker_detect_quorum_queues", "error")
+    assert "global QoS" in p.problem
+    queues = [Queue("cio", Exchange("cio", type="topic"), routing_key="cio",
+                    queue_arguments={"x-queue-type": "quorum"}), Queue("cio.fallback")]
+    assert check_configuration(amqp_app(task_queues=queues)) == []
+
+
+def test_a_store_url_celery_would_print_unmasked(monkeypatch: pytest.MonkeyPatch, broker_url: str,
+                                                 store_url: str) -> None:
+    import celery.app.utils
+
+    app = make_app(broker_url, cio_redis_url=f"redis://:{PASSWORD}@127.0.0.1:1/1",
+                   **recommended_celery_config(Settings()))
+    assert by_setting(check_configuration(app, Settings()), "cio_redis_url") == []  # masked: nothing to say
+    # A Celery whose HIDDEN_SETTINGS cio_celery cannot extend.
+    monkeypatch.setattr(celery.app.utils, "HIDDEN_SETTINGS", "API|TOKEN|KEY|SECRET|PASS")
+    p = only(check_configuration(app, Settings()), "cio_redis_url", "warning")
+    assert "unmasked" in p.problem and "CIO_REDIS_URL" in p.problem and PASSWORD not in p.problem
+    # Nothing to print: no problem.
+    assert by_setting(check_configuration(make_app(broker_url), Settings()), "cio_redis_url") == []
 
 
 # -- secrets, logging, the worker handler ------------------------------------------------------
