@@ -138,6 +138,15 @@ def _by_operation(entries: Sequence[DeadLetter]) -> str:
     return ", ".join(f"{op} {n}" for op, n in sorted(counts.items()))
 
 
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 # -- context -----------------------------------------------------------------------------------
 
 
@@ -284,7 +293,35 @@ def _breaker_line(b: dict[str, Any] | None) -> str:
         detail = f"{b['probes_in_flight']} probes in flight"
     else:
         detail = ""
-    return f"{state} ({detail + ', ' if detail else ''}trips {b['trips']})"
+    line = f"{state} ({detail + ', ' if detail else ''}trips {b['trips']})"
+    resets = b.get("corrupt_resets") or 0
+    if resets:
+        # Not a problem by itself (the breaker works again), but someone or something damaged it.
+        line += (f"; reset {_plural(resets, 'time')} because its shared state could not be read "
+                 "(see the workers' error logs: corrupt -> closed)")
+    return line
+
+
+def _ledger_line(ledger: dict[str, Any] | None, store_read: bool) -> str:
+    if not store_read:
+        return "?"
+    if ledger is None:
+        return "off (a broker other than Redis, or CIO_LEDGER=0)"
+    text = f"{ledger['depth']} in flight, {ledger['overdue']} overdue"
+    if ledger["overdue"]:
+        text += f" (the oldest by {_age(ledger['oldest_overdue_seconds'])})"
+    return text
+
+
+def _spool_line(data: dict[str, Any]) -> str:
+    if data.get("spool_depth") is None:
+        return "?"
+    text = f"{data['spool_depth']} waiting, {data.get('spool_quarantined') or 0} quarantined"
+    cap = data.get("spool_max_bytes")
+    if cap:
+        used = data.get("spool_bytes") or 0
+        text += f", {_size(used)} of {_size(cap)} ({100 * used / cap:.0f}%)"
+    return text
 
 
 def _queues_line(queues: dict[str, Any] | None) -> str:
@@ -323,7 +360,9 @@ def _status_text(data: dict[str, Any]) -> str:
         f"queues                 {_queues_line(data.get('queues'))}",
         f"parked (fallback)      {show(data['fallback_depth'])}",
         f"dead letters           {show(data['dead_letters'])}",
-        f"spool (this host)      {show(data['spool_depth'])}",
+        f"quarantine (store)     {show(data.get('quarantine'))}",
+        f"ledger                 {_ledger_line(data.get('ledger'), store_read)}",
+        f"spool (this host)      {_spool_line(data)}",
         f"suppressed duplicates  {sup if store_read else '?'}",
     ]
     for p in data["problems"]:
@@ -340,6 +379,9 @@ def _status_text(data: dict[str, Any]) -> str:
 @click.option("--max-spool-age", callback=_positive_duration, metavar="DURATION", cls=CeleryOption,
               help_group="Thresholds", help="Unhealthy when this host's spool holds an operation older than this "
               "(default 60s).")
+@click.option("--max-ledger-overdue", callback=_positive_duration, metavar="DURATION", cls=CeleryOption,
+              help_group="Thresholds", help="Unhealthy when a delivery-ledger entry stays overdue longer than this "
+              "(default: the ledger's grace, min(visibility timeout, 5m)).")
 @click.option("--ignore", "ignore", multiple=True, type=click.Choice(PROBLEM_NAMES), metavar="PROBLEM",
               cls=CeleryOption, help_group="Thresholds",
               help="Report this problem without judging it (repeatable), e.g. app_credentials_missing.")
@@ -349,16 +391,18 @@ def _status_text(data: dict[str, Any]) -> str:
 @_json_option
 @click.pass_context
 def status(ctx: click.Context, max_dead_letters: int | None, max_fallback_depth: int | None,
-           max_spool_age: float | None, ignore: tuple[str, ...], inspect_timeout: float, as_json: bool) -> None:
-    """Health: breaker, broker, queues and their workers, credentials, parked operations, dead letters, this
-    host's spool.
+           max_spool_age: float | None, max_ledger_overdue: float | None, ignore: tuple[str, ...],
+           inspect_timeout: float, as_json: bool) -> None:
+    """Health: breaker, broker, queues and their workers, credentials, parked operations, dead letters, the
+    store's quarantine, the delivery ledger, this host's spool.
 
     Exit 0 healthy, 1 unhealthy (each problem is named, with its fix), 3 the store is unreachable.
     """
     app = _app(ctx, strict=False)
     report = health_report(app, max_dead_letters=max_dead_letters, max_fallback_depth=max_fallback_depth,
                            max_spool_age=DEFAULT_MAX_SPOOL_AGE if max_spool_age is None else max_spool_age,
-                           ignore=ignore, inspect_timeout=inspect_timeout, workers_cache=0)
+                           ignore=ignore, inspect_timeout=inspect_timeout, workers_cache=0,
+                           max_ledger_overdue=max_ledger_overdue)
     data = report.as_dict()
     _emit(ctx, data, _status_text(data))
     if "store_unavailable" in report.problem_names and not report.store_up:

@@ -12,7 +12,17 @@ Healthy means nothing below is wrong. Each problem has a name, a message and the
 - ``track_credentials_missing``, ``app_credentials_missing``: the workers (or, when none
   answers, this process) lack the credentials of an operation family;
 - ``spool_stale``: this host's enqueue spool holds operations older than ``max_spool_age``;
+- ``spool_quarantine_not_empty``: rows of this host's spool failed ``spool_max_attempts`` times
+  with the broker answering and wait for an operator;
+- ``spool_near_full``: this host's spool holds at least 80 % of ``spool_max_bytes``;
+- ``quarantine_not_empty``: store entries that could not be read (fallback, dead letters,
+  batch items) wait for an operator;
+- ``ledger_overdue``: operations of the delivery ledger stayed overdue longer than
+  ``max_ledger_overdue`` (no fallback releaser sweeps it);
 - ``dead_letters_over_threshold``, ``fallback_over_threshold``: a threshold given is passed.
+
+The breaker's ``corrupt_resets`` (its shared state could not be read and was reset to closed)
+is reported with the breaker, not judged.
 
 Queue depths are read from the broker. Consumers too, where the broker counts them (AMQP's
 ``queue_declare``); Redis does not, so the workers are asked (one ``cio_status`` broadcast,
@@ -23,9 +33,7 @@ fails is a named problem.
 
 from __future__ import annotations
 
-import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Collection, Iterable
@@ -40,18 +48,23 @@ from .deadletters import DeadLetters
 from .exceptions import ConfigurationError
 from .fallback import Fallback
 from .idempotency import Claims
+from .ledger import grace_of, ledger_enabled
+from .quarantine import Quarantine
 from .settings import Settings, settings_for_app
-from .store import redis_for
+from .spool import spool_stats
+from .store import key, redis_for
 
 __all__ = [
     "DEFAULT_INSPECT_TIMEOUT",
     "DEFAULT_MAX_SPOOL_AGE",
     "DEFAULT_WORKERS_CACHE",
     "PROBLEM_NAMES",
+    "SPOOL_NEAR_FULL",
     "HealthReport",
     "Problem",
     "forget_workers",
     "health_report",
+    "ledger_figures",
 ]
 
 #: Seconds an operation may wait in this host's spool before ``spool_stale``.
@@ -62,13 +75,17 @@ DEFAULT_MAX_SPOOL_AGE = 60.0
 DEFAULT_INSPECT_TIMEOUT = 2.0
 #: Seconds the workers' answers are reused (a load balancer polls every few seconds).
 DEFAULT_WORKERS_CACHE = 10.0
+#: Share of ``spool_max_bytes`` from which this host's spool is ``spool_near_full``.
+SPOOL_NEAR_FULL = 0.8
 
 PROBLEM_NAMES = (
     "configuration_invalid", "store_not_configured", "store_unavailable", "breaker_unreadable",
     "fallback_unreadable", "dead_letters_unreadable", "stats_unreadable", "breaker_open", "breaker_half_open",
     "broker_unreachable", "broker_publish_failing", "queue_not_consumed", "workers_unreadable",
     "track_credentials_missing", "app_credentials_missing", "spool_stale", "spool_unreadable",
-    "dead_letters_over_threshold", "fallback_over_threshold", "health_check_failed",
+    "spool_quarantine_not_empty", "spool_near_full", "quarantine_not_empty", "quarantine_unreadable",
+    "ledger_overdue", "ledger_unreadable", "dead_letters_over_threshold", "fallback_over_threshold",
+    "health_check_failed",
 )
 
 _PROBE_KEY = "_cio_celery.health.publish_probe"
@@ -111,6 +128,15 @@ class HealthReport:
     ignored: list[Problem] = field(default_factory=list)
     #: Whether the store answered (the CLI exits 3 when it did not).
     store_up: bool = False
+    #: Store entries that could not be read, waiting in the quarantine (``cio quarantine list``).
+    quarantine: int | None = None
+    #: ``{"depth", "overdue", "oldest_overdue_seconds", "grace", "max_overdue"}`` of the delivery ledger;
+    #: None when it is off.
+    ledger: dict[str, Any] | None = None
+    #: Rows of this host's spool in its quarantine, and the bytes it holds of its cap.
+    spool_quarantined: int | None = None
+    spool_bytes: int | None = None
+    spool_max_bytes: int | None = None
 
     @property
     def healthy(self) -> bool:
@@ -138,6 +164,11 @@ class HealthReport:
             "dead_letters": self.dead_letters,
             "spool_depth": self.spool_depth,
             "spool_oldest_seconds": self.spool_oldest_seconds,
+            "spool_quarantined": self.spool_quarantined,
+            "spool_bytes": self.spool_bytes,
+            "spool_max_bytes": self.spool_max_bytes,
+            "quarantine": self.quarantine,
+            "ledger": self.ledger,
             "suppressed_duplicates": dict(self.suppressed_duplicates),
             "broker": self.broker,
             "queues": self.queues,
@@ -174,17 +205,20 @@ def health_report(
     check_workers: bool = True,
     inspect_timeout: float = DEFAULT_INSPECT_TIMEOUT,
     workers_cache: float = DEFAULT_WORKERS_CACHE,
+    max_ledger_overdue: float | None = None,
 ) -> HealthReport:
     """Read the shared state, the broker and the workers, and judge them. Never raises.
 
     ``ignore`` names problems to report under ``ignored`` instead of judging them.
     ``check_broker=False`` skips the broker (and the workers); ``check_workers=False``
-    skips the broadcast (a worker checking itself at start).
+    skips the broadcast (a worker checking itself at start). ``max_ledger_overdue``: seconds
+    a delivery-ledger entry may stay overdue before ``ledger_overdue`` (default: the ledger's
+    grace, four of the sweeper's periods).
     """
     try:
-        report = _Builder(app, settings, inspect_timeout, workers_cache).build(
-            max_dead_letters, max_fallback_depth, max_spool_age, check_broker, check_workers
-        )
+        builder = _Builder(app, settings, inspect_timeout, workers_cache)
+        builder.max_ledger_overdue = max_ledger_overdue
+        report = builder.build(max_dead_letters, max_fallback_depth, max_spool_age, check_broker, check_workers)
     except Exception as exc:  # noqa: BLE001 - the last net: a health check reports, it never raises
         report = unhealthy(Problem("health_check_failed", f"the health check failed ({type(exc).__name__})",
                                    "report it; the workers' logs may say more"))
@@ -205,6 +239,7 @@ class _Builder:
         self.workers_cache = workers_cache
         self.problems: list[Problem] = []
         self.out: dict[str, Any] = {}
+        self.max_ledger_overdue: float | None = None
 
     def add(self, name: str, message: str, fix: str, setting: str | None = None) -> None:
         self.problems.append(Problem(name, message, fix, setting))
@@ -258,6 +293,8 @@ class _Builder:
         dead = self._section("dead_letters", lambda: DeadLetters(s, self.app).count())
         suppressed = self._section("stats", lambda: Claims(s).suppressed())
         self.out.update(fallback_depth=fallback, dead_letters=dead, suppressed_duplicates=suppressed or {})
+        self._quarantine(s)
+        self._section("ledger", lambda: self._ledger(s))
         if max_dead is not None and dead is not None and dead > max_dead:
             self.add("dead_letters_over_threshold", f"{dead} dead letters (more than {max_dead})",
                      "look at them with `celery -A proj cio dead-letters list`, then replay or purge (docs/runbook.md)")
@@ -279,12 +316,18 @@ class _Builder:
 
     def _breaker(self, s: Settings) -> None:
         status = breaker_for(s).status()
+        # Counters of the breaker's hash that its status script does not return (the script
+        # above has just made them readable, resetting a damaged state).
+        raw: Any = redis_for(s).hmget(key(s, "breaker", status.name), ["trips_total", "corrupt_resets"])
+        trips_total, corrupt_resets = (_int(v) for v in raw)
         self.out["breaker"] = {
             "name": status.name,
             "state": status.state,
             "time_left": None if status.time_left < 0 else round(status.time_left, 3),
             "opened_by_hand": status.state == "open" and status.time_left < 0,
             "trips": status.trips,
+            "trips_total": trips_total,
+            "corrupt_resets": corrupt_resets,
             "consecutive_failures": status.consecutive_failures,
             "probes_in_flight": status.probes_in_flight,
         }
@@ -299,20 +342,61 @@ class _Builder:
             self.add("breaker_half_open", "the circuit breaker is probing Customer.io after an outage",
                      "nothing to do if it closes; see docs/runbook.md")
 
+    def _quarantine(self, s: Settings) -> None:
+        count = self._section("quarantine", lambda: Quarantine(s).count())
+        self.out["quarantine"] = count
+        if count:
+            self.add("quarantine_not_empty", f"{_n(count, 'store entry', 'store entries')} that could not be read "
+                     "(parked operations, dead letters or batch items in a form this version cannot read) "
+                     f"{'waits' if count == 1 else 'wait'} in the quarantine for a human",
+                     "look at them with `celery -A proj cio quarantine list` and `show ID`, "
+                     "recover what you need, then `cio quarantine purge` (docs/runbook.md)")
+
+    def _ledger(self, s: Settings) -> None:
+        figures = ledger_figures(self.app, s, self.max_ledger_overdue)
+        if figures is None:
+            return
+        late = figures.pop("late")
+        self.out["ledger"] = figures
+        if late:
+            grace, limit, oldest = figures["grace"], figures["max_overdue"], figures["oldest_overdue_seconds"]
+            period = max(1.0, grace / 4)  # the sweeper's period (fallback.Releaser)
+            self.add("ledger_overdue", f"{_n(late, 'operation', 'operations')} of the delivery ledger "
+                     f"{'is' if late == 1 else 'are'} overdue by more than "
+                     f"{limit:.0f} s (the oldest by {oldest:.0f} s): no fallback releaser has swept them, so an "
+                     "operation lost in transit is not republished", "run at least one worker (-Q cio,cio.fallback): "
+                     f"its fallback releaser sweeps the ledger every {period:.0f} s; if one runs, look in its log for "
+                     "`fallback releaser:` errors (store or broker unreachable); a queue backlog older than the "
+                     "grace keeps entries overdue until it drains (docs/runbook.md)")
+
     # -- this host's spool ----------------------------------------------------------------
 
     def _spool(self, s: Settings, max_age: float | None) -> None:
         try:
-            depth, age = _spool_stats(self.app, s)
+            stats = spool_stats(self.app, s)
         except Exception as exc:  # noqa: BLE001
             self.add("spool_unreadable", f"this host's spool cannot be read ({type(exc).__name__})",
                      "check the permissions and free space of CIO_SPOOL_DIR", setting="CIO_SPOOL_DIR")
             return
-        self.out.update(spool_depth=depth, spool_oldest_seconds=None if age is None else round(age, 3))
+        depth, age = stats.depth, stats.oldest_age
+        self.out.update(spool_depth=depth, spool_oldest_seconds=None if age is None else round(age, 3),
+                        spool_quarantined=stats.quarantined, spool_bytes=stats.bytes, spool_max_bytes=stats.cap)
         if depth and age is not None and max_age is not None and age > max_age:
             self.add("spool_stale", f"{depth} operations wait in this host's spool, the oldest for {age:.0f} s: "
                      "the broker does not take them", "fix the broker problem reported with it; the spool then "
                      "flushes by itself (or run `celery -A proj cio spool flush` on this host)")
+        if stats.quarantined:
+            n = stats.quarantined
+            self.add("spool_quarantine_not_empty", f"{_n(n, 'operation', 'operations')} of this host's spool failed "
+                     f"{s.spool_max_attempts} times with the broker answering and {'was' if n == 1 else 'were'} "
+                     "quarantined: waiting for an operator",
+                     "on this host: `celery -A proj cio spool list`, `spool show ID` for the error, "
+                     "then `spool requeue ID` once the cause is fixed, or `spool drop ID` (docs/runbook.md)")
+        if stats.cap and stats.bytes >= SPOOL_NEAR_FULL * stats.cap:
+            self.add("spool_near_full", f"this host's spool holds {stats.bytes} of {stats.cap} bytes "
+                     f"({100 * stats.bytes / stats.cap:.0f} %): when it is full .delay() raises EnqueueError",
+                     "fix the broker problem so that it flushes; drop quarantined rows you do not need "
+                     "(`cio spool list`); or raise CIO_SPOOL_MAX_BYTES", setting="CIO_SPOOL_MAX_BYTES")
 
     # -- the broker -----------------------------------------------------------------------
 
@@ -443,25 +527,41 @@ class _Builder:
                      setting=variables[0])
 
 
-def _spool_stats(app: Any, s: Settings) -> tuple[int, float | None]:
-    """Pending rows and the oldest one's age of this host's spool, read on a short read-only
-    connection: a report must not create the spool, nor keep a connection to it open in a
-    process (a worker checking itself) that only looks."""
-    from . import spool
+def ledger_figures(app: Any, s: Settings, max_overdue: float | None = None) -> dict[str, Any] | None:
+    """The delivery ledger in one round trip: ``depth`` (operations in flight), ``overdue``
+    (past their due time, not yet looked at by the sweeper), ``oldest_overdue_seconds``,
+    ``grace``, ``max_overdue`` (``max_overdue`` or the grace) and ``late`` (overdue by more
+    than ``max_overdue``). None when the ledger is off (a broker other than Redis, ``CIO_LEDGER=0``).
 
-    stats = getattr(spool, "spool_stats", None)
-    if stats is not None:  # one spool file per app and broker
-        found = stats(app, s)
-        return int(found.depth), found.oldest_age
-    path = os.path.join(s.spool_path, "spool.db")
-    if not os.path.exists(path):
-        return 0, None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    Due times are the publishers' clocks plus the grace; they are compared with this host's.
+    """
+    if not ledger_enabled(s, app):
+        return None
+    client: Any = redis_for(s)
+    due = key(s, "ledger", "due")
+    grace = grace_of(s)
+    limit = grace if max_overdue is None else max_overdue
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(due)
+    pipe.zcount(due, "-inf", now)
+    pipe.zcount(due, "-inf", now - limit)
+    pipe.zrange(due, 0, 0, withscores=True)
+    depth, overdue, late, first = pipe.execute()
+    oldest = max(0.0, now - float(first[0][1])) if overdue and first else 0.0
+    return {"depth": int(depth), "overdue": int(overdue), "oldest_overdue_seconds": round(oldest, 3),
+            "grace": grace, "max_overdue": limit, "late": int(late)}
+
+
+def _n(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _int(value: Any) -> int:
     try:
-        count, oldest = db.execute("SELECT COUNT(*), MIN(created) FROM spool").fetchone()
-    finally:
-        db.close()
-    return int(count), None if oldest is None else max(0.0, time.time() - float(oldest))
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _address(conn: Any, scheme: str) -> tuple[str, int] | None:

@@ -212,6 +212,45 @@ def test_status_thresholds_and_counts(app: Any) -> None:
     assert run("status", "--ignore", "no_such_problem").exit_code == 2
 
 
+def test_status_mentions_breaker_resets_and_judges_the_ledger_by_how_long_entries_stay_overdue(
+    app: Any, cli_env: dict[str, str]
+) -> None:
+    s = settings(app)
+    store = redis.Redis.from_url(s.redis_url)
+    # A damaged breaker (a hand-edited hash): reset to closed by the next script, counted.
+    store.hset(key(s, "breaker", "customerio"), mapping={"st": 0, "gen": "garbage"})
+    reset = run("status", "--json", *NO_WORKER)
+    assert reset.exit_code == 0, reset.output  # not a problem by itself: the breaker works again
+    assert doc(reset)["breaker"]["corrupt_resets"] == 1 and doc(reset)["breaker"]["state"] == "closed"
+    text = run("status", *NO_WORKER).stdout
+    assert "breaker                closed (trips 0); reset 1 time because its shared state could not be read" in text
+
+    # An operation in flight is in the delivery ledger (recorded in the background, then published).
+    task_id = app.tasks["cio_celery.identify"].delay("user-ledger").id
+    due = key(s, "ledger", "due")
+    wait_until(lambda: store.zscore(due, task_id) is not None, what="the ledger record")
+    data = doc(run("status", "--json", *NO_WORKER))
+    assert data["ledger"] | {"oldest_overdue_seconds": 0} == {
+        "depth": 1, "overdue": 0, "oldest_overdue_seconds": 0, "grace": 300.0, "max_overdue": 300.0}
+    assert data["healthy"] is True
+    assert "ledger                 1 in flight, 0 overdue" in run("status", *NO_WORKER).stdout
+    # Seven minutes later (its due time moved back), with no releaser sweeping: overdue for 100 s
+    # more than the grace.
+    store.zadd(due, {task_id: time.time() - 400}, xx=True)
+    late = run("status", "--json", *NO_WORKER)
+    assert late.exit_code == 1
+    [problem] = doc(late)["problems"]
+    assert problem["name"] == "ledger_overdue"
+    assert problem["message"].startswith("1 operation of the delivery ledger is overdue by more than 300 s")
+    assert "fallback releaser" in problem["fix"] and "-Q cio,cio.fallback" in problem["fix"]
+    assert doc(late)["ledger"]["overdue"] == 1 and 395 < doc(late)["ledger"]["oldest_overdue_seconds"] < 460
+    assert "ledger                 1 in flight, 1 overdue (the oldest by 7m)" in run("status", *NO_WORKER).stdout
+    # Overdue, but not for longer than the threshold given: reported, not judged.
+    lenient = run("status", "--max-ledger-overdue", "10m", "--json", *NO_WORKER)
+    assert lenient.exit_code == 0 and doc(lenient)["ledger"]["overdue"] == 1
+    assert run("status", "--max-ledger-overdue", "0", *NO_WORKER).exit_code == 2
+
+
 # -- breaker -----------------------------------------------------------------------------------
 
 

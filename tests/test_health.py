@@ -24,7 +24,8 @@ from celery import Celery
 
 from cio_celery.breaker import Breaker
 from cio_celery.health import PROBLEM_NAMES, forget_workers, health_report
-from cio_celery.settings import Settings, configure
+from cio_celery.ledger import Ledger
+from cio_celery.settings import Settings, configure, settings_for_app
 from cio_celery.spool import publisher_for
 from cio_celery.store import key
 from cio_celery.testing import FakeCustomerIO
@@ -100,7 +101,7 @@ def worker_says(worker: WorkerProcess, text: str, timeout: float = 20) -> str:
                       what=f"the worker to log {text!r}")
 
 
-def enqueue_app(env: dict[str, str], broker: str | None = None) -> Celery:
+def enqueue_app(env: dict[str, str], broker: str | None = None, **cio: Any) -> Celery:
     """A web process's app (this process) publishing to the deployment's broker: the app the CLI
     loads too (same name and broker, so the same spool file on this host)."""
     app = Celery("cio_cli_test", broker=broker or env["CELERY_BROKER_URL"],
@@ -108,7 +109,7 @@ def enqueue_app(env: dict[str, str], broker: str | None = None) -> Celery:
     app.conf.update(broker_transport_options={"socket_connect_timeout": 1, "socket_timeout": 1},
                     broker_connection_retry_on_startup=False, task_publish_retry=False)
     configure(app, Settings(redis_url=env["CIO_REDIS_URL"], spool_dir=env["CIO_SPOOL_DIR"],
-                            site_id="s", track_api_key="t", app_api_key="a", spool_flush_interval=3600))
+                            site_id="s", track_api_key="t", app_api_key="a", spool_flush_interval=3600, **cio))
     return app
 
 
@@ -270,6 +271,57 @@ def test_a_transport_that_cannot_be_imported_is_named_with_the_install_fix(env: 
         check.stdout + check.stderr)
 
 
+# -- the store's quarantine and the delivery ledger ----------------------------------------------
+
+
+def test_ledger_overdue_is_named_while_no_worker_sweeps_and_gone_once_one_does(
+    env: dict[str, str], tmp_path: Path, fake: FakeCustomerIO
+) -> None:
+    """An operation lost in transit (popped from its queue and recorded nowhere, as at a Redis
+    restart between kombu's BRPOP and its unacknowledged record) waits in the ledger, due after
+    the grace (5 s here). With no worker to sweep it, health names it once it stayed overdue
+    longer than --max-ledger-overdue; a worker's releaser then republishes it and it is delivered."""
+    web = enqueue_app(env, visibility_timeout=5.0)
+    task_id = web.tasks["cio_celery.track"].delay("user-lost", "in_transit", {}).id
+    publisher_for(web).stop()
+    ledger = Ledger(settings_for_app(web))
+    assert ledger.grace == 5
+    wait_until(lambda: ledger.depth() == 1, what="the ledger record")
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    lost = json.loads(broker.rpop("cio"))  # type: ignore[arg-type]
+    assert lost["headers"]["id"] == task_id and broker.llen("cio") == 0
+    status = ("status", "--max-ledger-overdue", "1", "--ignore", "queue_not_consumed")
+
+    def overdue() -> subprocess.CompletedProcess[str] | None:
+        done = cio(env, *status, "--json")
+        return done if "ledger_overdue" in names(report(done)) else None
+
+    done = wait_until(overdue, timeout=60, interval=0.5, what="ledger_overdue")
+    assert done.returncode == 1
+    data = report(done)
+    assert names(data) == ["ledger_overdue"]
+    assert data["ledger"]["depth"] == 1 and data["ledger"]["overdue"] == 1
+    assert data["ledger"]["oldest_overdue_seconds"] > 1 and data["ledger"]["max_overdue"] == 1
+    [problem] = data["problems"]
+    assert problem["message"].startswith("1 operation of the delivery ledger is overdue by more than 1 s")
+    assert "-Q cio,cio.fallback" in problem["fix"]
+    text = cio(env, *status)
+    assert "ledger                 1 in flight, 1 overdue (the oldest by " in text.stdout
+
+    worker = start_worker(env, tmp_path, "sweeper", CIO_TEST_VISIBILITY="5", CIO_FALLBACK_RELEASE_INTERVAL="0.2")
+    try:
+        [applied] = fake.wait_for_applied(1, timeout=30)
+        # Delivered alone or as an item of a batch, depending on how the sweeper republishes.
+        assert applied.operation in {"track", "batch:event"} and applied.customer_id == "user-lost"
+        wait_until(lambda: ledger.depth() == 0, what="the delivered operation to leave the ledger")
+        healthy = cio(env, "status", "--max-ledger-overdue", "1", "--json", *ANSWER)
+        assert healthy.returncode == 0, report(healthy)["problems"]
+        assert (report(healthy)["ledger"]["depth"], report(healthy)["ledger"]["overdue"]) == (0, 0)
+        assert "ledger republished 1 operations" in worker.log_text()
+    finally:
+        worker.stop()
+
+
 # -- never raises, whatever the store holds ---------------------------------------------------------
 
 
@@ -283,16 +335,22 @@ def test_corrupt_store_keys_are_named_problems_never_a_traceback(env: dict[str, 
     for name in client.keys(f"{{{settings.key_prefix}}}:breaker*"):
         client.delete(name)
     client.set(key(settings, "breaker", Breaker(settings).name), "not a hash")
+    client.set(key(settings, "quarantine", "index"), "not a sorted set")
+    client.hset(key(settings, "ledger", "due"), "task", "not a sorted set")
     app = Celery("corrupt", broker=env["CELERY_BROKER_URL"], set_as_current=False)
     configure(app, settings)
     found = health_report(app, check_workers=False)
     assert not found.healthy and found.store_up
-    assert {"fallback_unreadable", "dead_letters_unreadable", "stats_unreadable"} <= set(found.problem_names)
+    unreadable = {"fallback_unreadable", "dead_letters_unreadable", "stats_unreadable", "quarantine_unreadable",
+                  "ledger_unreadable"}
+    assert unreadable <= set(found.problem_names)
     assert set(found.problem_names) <= set(PROBLEM_NAMES)
+    # The breaker's damaged state was reset (counted), not reported as a problem.
+    assert found.breaker is not None and found.breaker["state"] == "closed" and found.breaker["corrupt_resets"] == 1
     # The CLI prints the report, exit 1, no traceback.
     done = cio(env, "status", "--json", "--ignore", "queue_not_consumed")
     assert done.returncode == 1
-    assert {"fallback_unreadable", "dead_letters_unreadable", "stats_unreadable"} <= set(names(report(done)))
+    assert unreadable <= set(names(report(done)))
 
 
 def test_workers_answers_are_cached_and_forgotten_on_demand(env: dict[str, str], tmp_path: Path) -> None:

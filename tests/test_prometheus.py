@@ -18,10 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cio_celery
 from cio_celery.breaker import Breaker
-from cio_celery.contrib.prometheus import TRIPS_TOTAL_FIELD, CioCollector, register
+from cio_celery.contrib.prometheus import CORRUPT_RESETS_FIELD, TRIPS_TOTAL_FIELD, CioCollector, register
 from cio_celery.deadletters import DeadLetters
 from cio_celery.fallback import Fallback
+from cio_celery.quarantine import Quarantine
 from cio_celery.settings import Settings, settings_for_app
+from cio_celery.store import key
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer, free_port
 
@@ -63,8 +65,16 @@ def test_every_metric_is_exposed_with_its_type(worker_app: Any) -> None:
         ("cio_celery_fallback_depth", "gauge"),
         ("cio_celery_dead_letters", "gauge"),
         ("cio_celery_spool_depth", "gauge"),
+        ("cio_celery_spool_quarantine", "gauge"),
+        ("cio_celery_spool_bytes", "gauge"),
+        ("cio_celery_spool_max_bytes", "gauge"),
         ("cio_celery_suppressed_duplicates", "counter"),
         ("cio_celery_retries", "counter"),
+        ("cio_celery_breaker_corrupt_resets", "counter"),
+        ("cio_celery_quarantine", "gauge"),
+        ("cio_celery_ledger_depth", "gauge"),
+        ("cio_celery_ledger_overdue", "gauge"),
+        ("cio_celery_ledger_oldest_overdue_seconds", "gauge"),
     ]:
         # prometheus_client names a counter's TYPE line with or without "_total" (0.26: with).
         assert re.search(rf"^# TYPE {name}(_total)? {kind}$", text, re.M), name
@@ -79,6 +89,11 @@ def test_every_metric_is_exposed_with_its_type(worker_app: Any) -> None:
     assert m[("cio_celery_fallback_depth", ())] == 0
     assert m[("cio_celery_dead_letters", ())] == 0
     assert m[("cio_celery_spool_depth", ())] == 0
+    assert m[("cio_celery_spool_quarantine", ())] == 0
+    assert m[("cio_celery_spool_max_bytes", ())] == 256 * 1024 * 1024
+    assert m[("cio_celery_breaker_corrupt_resets_total", ())] == 0
+    assert m[("cio_celery_quarantine", ())] == 0
+    assert m[("cio_celery_ledger_overdue", ())] == 0
 
 
 def test_dead_letters_and_retries_by_reason(worker_app: Any, fake: FakeCustomerIO) -> None:
@@ -246,4 +261,97 @@ def test_the_health_verdict_and_the_queues_as_metrics(worker_app: Any, redis_bas
         from cio_celery.spool import publisher_for
 
         publisher_for(lonely).stop()
+        redis.Redis.from_url(broker).flushdb()
+
+
+def test_breaker_corrupt_resets_are_counted_and_a_worker_goes_on(
+    worker_app: Any, fake: FakeCustomerIO, store: redis.Redis
+) -> None:
+    registry = fresh(worker_app)
+    bkey = key(settings_for_app(worker_app), "breaker", "customerio")
+    for n in (1, 2):
+        store.hset(bkey, mapping={"st": 0, "gen": "garbage"})  # a hand-edited hash
+        cio_celery.track.delay(f"user-reset-{n}", "after_damage", {"n": n})
+        fake.wait_for_applied(n, timeout=15)  # the worker reset it (counted) and delivered
+        m = scrape(registry)
+        assert m[("cio_celery_breaker_corrupt_resets_total", ())] == n
+        assert m[("cio_celery_breaker_state", (("state", "closed"),))] == 1
+        assert m[("cio_celery_healthy", ())] == 1  # reported, not a problem by itself
+    assert int(store.hget(bkey, CORRUPT_RESETS_FIELD) or 0) == 2
+
+
+def test_the_store_quarantine_and_the_ledger_as_metrics(worker_app: Any, store: redis.Redis, tmp_path: Path,
+                                                       redis_base_url: str) -> None:
+    s = settings_for_app(worker_app)
+    registry = fresh(worker_app)
+    store.lpush(key(s, "fallback", "ops"), b"not json " + EMAIL.encode())
+    assert Fallback(s, worker_app).release(10) == 1  # unreadable: moved to the quarantine
+    m = scrape(registry)
+    assert m[("cio_celery_quarantine", ())] == 1
+    assert m[("cio_celery_problem", (("name", "quarantine_not_empty"),))] == 1
+    assert EMAIL not in generate_latest(registry).decode()
+    Quarantine(s).purge()
+    assert scrape(registry)[("cio_celery_quarantine", ())] == 0
+
+    # An app whose queue nobody consumes, with a 5 s grace: its operation is in the ledger, then
+    # overdue (no releaser sweeps it), read live.
+    broker = f"{redis_base_url}/10"
+    redis.Redis.from_url(broker).flushdb()
+    lonely = Celery("prom-ledger", broker=broker, include=["cio_celery.tasks"], set_as_current=False)
+    settings = Settings(redis_url=s.redis_url, key_prefix="cio-prom-ledger", spool_dir=str(tmp_path), site_id="s",
+                        track_api_key="t", app_api_key="a", visibility_timeout=5.0)
+    cio_celery.configure(lonely, settings)
+    try:
+        started = time.monotonic()
+        lonely.tasks["cio_celery.identify"].delay("user-ledger")
+        ledger = CollectorRegistry()
+        register(lonely, ledger, settings=settings,
+                 health={"inspect_timeout": 0.3, "ignore": ("queue_not_consumed",), "max_ledger_overdue": 1.0})
+        wait_for(lambda: scrape(ledger).get(("cio_celery_ledger_depth", ())) == 1)
+        m = scrape(ledger)
+        if time.monotonic() - started < 4:  # due after the 5 s grace
+            assert m[("cio_celery_ledger_overdue", ())] == 0
+            assert m[("cio_celery_ledger_oldest_overdue_seconds", ())] == 0
+        wait_for(lambda: scrape(ledger)[("cio_celery_problem", (("name", "ledger_overdue"),))] == 1, timeout=30)
+        m = scrape(ledger)
+        assert m[("cio_celery_ledger_overdue", ())] == 1 and m[("cio_celery_ledger_depth", ())] == 1
+        assert m[("cio_celery_ledger_oldest_overdue_seconds", ())] > 1
+        assert m[("cio_celery_healthy", ())] == 0
+    finally:
+        from cio_celery.spool import publisher_for
+
+        publisher_for(lonely).stop()
+        redis.Redis.from_url(broker).flushdb()
+
+
+def test_this_hosts_spool_quarantine_and_bytes(redis_base_url: str, tmp_path: Path) -> None:
+    """A web app's spool holds a row no broker takes: after spool_max_attempts failures with the
+    broker answering it is quarantined, and the collector on this host says so."""
+    from cio_celery.spool import flush_spool, publisher_for, spool_for
+
+    broker = f"{redis_base_url}/10"
+    redis.Redis.from_url(broker).flushdb()
+    web = Celery("prom-spool", broker=broker, include=["cio_celery.tasks"], set_as_current=False)
+    settings = Settings(redis_url=f"{redis_base_url}/11", spool_dir=str(tmp_path), site_id="s", track_api_key="t",
+                        app_api_key="a", spool_max_attempts=1, spool_flush_interval=3600, spool_max_bytes=1024 * 1024)
+    cio_celery.configure(web, settings)
+    try:
+        spool_for(web).put({"task": "cio_celery.identify", "args": [EMAIL], "kwargs": {"_cio": {"key": "b"}},
+                            "task_id": "b", "options": {"queue": "cio", "expires": "soon"}})
+        registry = CollectorRegistry()
+        register(web, registry, settings=settings, health={"inspect_timeout": 0.3,
+                                                           "ignore": ("queue_not_consumed",)})
+        m = scrape(registry)
+        assert m[("cio_celery_spool_depth", ())] == 1 and m[("cio_celery_spool_quarantine", ())] == 0
+        used = m[("cio_celery_spool_bytes", ())]
+        assert used > 0 and m[("cio_celery_spool_max_bytes", ())] == 1024 * 1024
+        assert flush_spool(web).quarantined == 1
+        m = scrape(registry)
+        assert m[("cio_celery_spool_depth", ())] == 0 and m[("cio_celery_spool_quarantine", ())] == 1
+        assert m[("cio_celery_spool_bytes", ())] == used  # quarantined rows still count
+        assert m[("cio_celery_problem", (("name", "spool_quarantine_not_empty"),))] == 1
+        assert m[("cio_celery_problem", (("name", "spool_near_full"),))] == 0
+        assert EMAIL not in generate_latest(registry).decode()
+    finally:
+        publisher_for(web).stop()
         redis.Redis.from_url(broker).flushdb()

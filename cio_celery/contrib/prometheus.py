@@ -17,6 +17,9 @@ The health report's verdict comes with it: ``cio_celery_healthy``, ``cio_celery_
 (1 for each named problem of :mod:`cio_celery.health`, 0 for the others), and the depth and
 consumers of the ``cio`` and ``cio.fallback`` queues read from the broker (consumers on Redis
 from the workers' answers, cached for ``workers_cache`` seconds).
+
+A family that reads a key holding data it cannot read (a damaged ledger or quarantine key) is
+left out of that scrape; the health families name it (``<section>_unreadable``).
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..breaker import Breaker
 from ..deadletters import DeadLetters
 from ..fallback import Fallback
-from ..health import DEFAULT_WORKERS_CACHE, PROBLEM_NAMES, health_report
+from ..health import DEFAULT_WORKERS_CACHE, PROBLEM_NAMES, health_report, ledger_figures
+from ..quarantine import Quarantine
 from ..settings import Settings, settings_for_app
-from ..spool import spool_depth
+from ..spool import spool_stats
 from ..store import key, redis_for
 
-__all__ = ["BREAKER_STATES", "TRIPS_TOTAL_FIELD", "CioCollector", "register"]
+__all__ = ["BREAKER_STATES", "CORRUPT_RESETS_FIELD", "TRIPS_TOTAL_FIELD", "CioCollector", "register"]
 
 logger = logging.getLogger("cio_celery.prometheus")
 
@@ -46,11 +51,14 @@ BREAKER_STATES = ("closed", "half-open", "open")
 # own ``trips`` field cannot serve as a counter: it is the run of trips that sets the next open
 # period and starts again from 1 once the breaker stayed closed long enough.
 TRIPS_TOTAL_FIELD = "trips_total"
+# The field counting the times the breaker's state could not be read and was reset to closed.
+CORRUPT_RESETS_FIELD = "corrupt_resets"
 
 
 class CioCollector(Collector):  # type: ignore[misc]
-    """Breaker state, time left and trips; fallback depth; dead letters; spool depth;
-    suppressed duplicates by operation and retries by reason; ``cio_celery_store_up``."""
+    """Breaker state, time left, trips and corrupt resets; fallback depth; dead letters; the store's
+    quarantine; the delivery ledger; suppressed duplicates by operation and retries by reason;
+    ``cio_celery_store_up``; the health verdict; this host's spool (depth, quarantine, bytes, cap)."""
 
     def __init__(
         self, app: Any, settings: Settings | None = None, *, health: dict[str, Any] | None = None,
@@ -82,14 +90,26 @@ class CioCollector(Collector):  # type: ignore[misc]
         yield up
         yield from families
         yield from self._health()
-        spool = GaugeMetricFamily("cio_celery_spool_depth",
-                                  "Operations waiting in this host's local enqueue spool (broker unreachable).")
+        yield from self._spool()
+
+    def _spool(self) -> Iterator[Metric]:
         try:
-            spool.add_metric([], spool_depth(self.app))
-        except Exception:  # noqa: BLE001, S110 - an unreadable spool is left out of this scrape
-            pass
-        else:
-            yield spool
+            stats = spool_stats(self.app, self._settings)
+        except Exception:  # noqa: BLE001 - an unreadable spool is left out of this scrape
+            return
+        for name, text, value in (
+            ("cio_celery_spool_depth", "Operations waiting in this host's local enqueue spool (broker unreachable).",
+             stats.depth),
+            ("cio_celery_spool_quarantine", "Operations of this host's spool quarantined after failing "
+             "spool_max_attempts times with the broker answering (cio spool list).", stats.quarantined),
+            ("cio_celery_spool_bytes", "Bytes of messages held by this host's spool, quarantine included.",
+             stats.bytes),
+            ("cio_celery_spool_max_bytes", "The spool's cap (spool_max_bytes): at it, .delay() raises EnqueueError.",
+             stats.cap),
+        ):
+            family = GaugeMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
 
     def _health(self) -> Iterator[Metric]:
         try:
@@ -141,11 +161,19 @@ class CioCollector(Collector):  # type: ignore[misc]
             )
             left.add_metric([], status.time_left)
             yield left
-            raw_total: Any = client.hget(key(s, "breaker", breaker.name), TRIPS_TOTAL_FIELD)
+            # Read after the status script, which resets a damaged state (counted) first.
+            raw_total, raw_resets = client.hmget(key(s, "breaker", breaker.name),
+                                                 [TRIPS_TOTAL_FIELD, CORRUPT_RESETS_FIELD])
             trips = CounterMetricFamily("cio_celery_breaker_trips",
                                         "Times the breaker opened by itself (failures), cluster-wide.")
-            trips.add_metric([], int(raw_total or 0))
+            trips.add_metric([], _int(raw_total))
             yield trips
+            resets = CounterMetricFamily(
+                "cio_celery_breaker_corrupt_resets",
+                "Times the breaker's shared state could not be read and was reset to closed, cluster-wide.",
+            )
+            resets.add_metric([], _int(raw_resets))
+            yield resets
         depth = GaugeMetricFamily("cio_celery_fallback_depth",
                                   "Operations parked in Redis while the breaker was open, not yet released.")
         depth.add_metric([], Fallback(s, self.app).depth())
@@ -166,6 +194,43 @@ class CioCollector(Collector):  # type: ignore[misc]
                 retries.add_metric([name], int(value))
         yield suppressed
         yield retries
+        yield from self._quarantine(s)
+        yield from self._ledger(s)
+
+    def _quarantine(self, s: Settings) -> Iterator[Metric]:
+        try:
+            count = Quarantine(s).count()
+        except (redis.ResponseError, ValueError):  # a damaged key: health names it
+            return
+        family = GaugeMetricFamily("cio_celery_quarantine",
+                                   "Store entries that could not be read, waiting for a human (cio quarantine list).")
+        family.add_metric([], count)
+        yield family
+
+    def _ledger(self, s: Settings) -> Iterator[Metric]:
+        try:
+            figures = ledger_figures(self.app, s)
+        except (redis.ResponseError, ValueError):  # a damaged key: health names it
+            return
+        if figures is None:  # the ledger is off (a broker other than Redis, CIO_LEDGER=0)
+            return
+        for name, text, value in (
+            ("cio_celery_ledger_depth", "Operations in flight recorded in the delivery ledger.", figures["depth"]),
+            ("cio_celery_ledger_overdue", "Ledger entries past their due time that the sweeper has not looked at yet.",
+             figures["overdue"]),
+            ("cio_celery_ledger_oldest_overdue_seconds", "Seconds the most overdue ledger entry is past its due "
+             "time; 0 when none is.", figures["oldest_overdue_seconds"]),
+        ):
+            family = GaugeMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def register(
