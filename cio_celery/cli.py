@@ -40,7 +40,18 @@ from .fallback import Fallback
 from .health import DEFAULT_INSPECT_TIMEOUT, DEFAULT_MAX_SPOOL_AGE, PROBLEM_NAMES, health_report
 from .operations import OPERATIONS
 from .settings import Settings, configure, settings_for_app
-from .spool import flush_spool, publisher_for, spool_depth
+from .spool import (
+    LEFTOVER_CHECK_SECONDS,
+    FlushResult,
+    SpoolRowInfo,
+    SpoolStats,
+    drop_row,
+    flush_spool,
+    list_rows,
+    requeue_row,
+    show_row,
+    spool_stats,
+)
 from .store import redis_for
 
 __all__ = ["EXIT_NOT_OK", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "cio", "parse_duration"]
@@ -133,7 +144,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _by_operation(entries: Sequence[DeadLetter]) -> str:
+def _by_operation(entries: Sequence[DeadLetter] | Sequence[SpoolRowInfo]) -> str:
     counts = Counter(e.operation for e in entries)
     return ", ".join(f"{op} {n}" for op, n in sorted(counts.items()))
 
@@ -744,37 +755,176 @@ def spool() -> None:
 def spool_flush(ctx: click.Context, as_json: bool) -> None:
     """Publish this host's spool to the broker now, oldest first.
 
-    Exit 1 if rows remain (held by a publish still in flight), 3 if the broker is unreachable.
+    Exit 1 if rows remain (held by a publish still in flight, failing with the broker answering, or
+    quarantined: each is said), 3 if the broker is unreachable.
     """
     app = _app(ctx)
-    if spool_depth(app) == 0:
-        _emit(ctx, {"published": 0, "remaining": 0}, "the spool is empty")
+    before = spool_stats(app)
+    if before.depth == 0:
+        if before.quarantined:
+            why = _quarantine_note(before.quarantined)
+            _emit(ctx, {"published": 0, "quarantined": 0, "remaining": 0, "in_quarantine": before.quarantined,
+                        "why": why}, f"nothing to publish; {why}")
+            ctx.exit(EXIT_NOT_OK)
+        _emit(ctx, {"published": 0, "quarantined": 0, "remaining": 0, "in_quarantine": 0}, "the spool is empty")
         return
     try:
         result = flush_spool(app)
     except (CioError, *_UNAVAILABLE) as exc:
         if isinstance(exc, ConfigurationError) or _is_local(exc):
             raise  # reported by the group: exit 2, or exit 3 naming the local spool
-        remaining = spool_depth(app)
+        remaining = spool_stats(app).depth
         _fail(ctx, EXIT_UNAVAILABLE, "broker_unavailable",
               f"the broker is unreachable ({type(exc).__name__}); {remaining} operations stay in the spool",
               remaining=remaining)
-    why = _why_rows_remain(app) if result.remaining else None
-    _emit(ctx, {"published": result.published, "remaining": result.remaining, **({"why": why} if why else {})},
-          f"published {result.published}; {result.remaining} remain" + (f": {why}" if why else ""))
-    ctx.exit(EXIT_OK if result.remaining == 0 else EXIT_NOT_OK)
+    after = spool_stats(app)
+    why = _why_rows_remain(app, result, after)
+    text = f"published {result.published}"
+    if result.quarantined:
+        text += f"; {result.quarantined} quarantined"
+    text += f"; {result.remaining} remain" + (f": {why}" if why else "")
+    _emit(ctx, {"published": result.published, "quarantined": result.quarantined, "remaining": result.remaining,
+                "in_quarantine": after.quarantined, **({"why": why} if why else {})}, text)
+    ctx.exit(EXIT_OK if result.remaining == 0 and after.quarantined == 0 else EXIT_NOT_OK)
 
 
-def _why_rows_remain(app: Any) -> str:
-    """Why a flush left rows: held by a publish still in flight, or spooled while it ran."""
-    now = time.time()
-    rows = publisher_for(app).spool.peek(10_000)
-    held = [r for r in rows if r.hold_until > now]
+def _quarantine_note(n: int) -> str:
+    return (f"the spool's quarantine holds {_plural(n, 'operation')} (failed spool_max_attempts times with the "
+            "broker answering): `cio spool list`, then `spool requeue ID` or `spool drop ID`")
+
+
+def _why_rows_remain(app: Any, result: FlushResult, stats: SpoolStats) -> str:
+    """Why a flush left rows: held by a publish still in flight, failing with the broker answering,
+    spooled while it ran (or behind a held one), quarantined."""
     parts = []
-    if held:
-        wait = max(r.hold_until for r in held) - now
-        parts.append(f"{_plural(len(held), 'operation')} held by a publish still in flight in a process of this "
-                     f"host (it may yet land; the hold ends within {wait:.0f}s, then run this again)")
-    if len(rows) > len(held):
-        parts.append(f"{len(rows) - len(held)} spooled while this ran, or behind a held one (run this again)")
-    return "; ".join(parts) or "the spool changed while this ran (run this again)"
+    if result.remaining:
+        if stats.held:
+            wait = stats.hold_left or 0.0
+            parts.append(f"{_plural(stats.held, 'operation')} held by a publish still in flight in a process of this "
+                         f"host (it may yet land; the hold ends within {wait:.0f}s, then run this again)")
+        if stats.failing:
+            max_attempts = settings_for_app(app).spool_max_attempts
+            parts.append(f"{_plural(stats.failing, 'operation')} failed to publish with the broker answering (each "
+                         f"failure counts; after {max_attempts} an operation moves to the quarantine and the others "
+                         "go on; `cio spool list` shows the error type)")
+        others = stats.depth - stats.held - stats.failing
+        if others > 0:
+            parts.append(f"{others} spooled while this ran, or behind a held one (run this again)")
+        if not parts:
+            parts.append("the spool changed while this ran (run this again)")
+    if stats.quarantined:
+        parts.append(_quarantine_note(stats.quarantined))
+    return "; ".join(parts)
+
+
+def _row_ids(f: F) -> F:
+    return click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")(f)
+
+
+@spool.command("list", cls=CeleryCommand)
+@_json_option
+@click.pass_context
+def spool_list(ctx: click.Context, as_json: bool) -> None:
+    """Every row of this host's spool, pending then quarantined, oldest first: id, state, operation, task id,
+    attempts, last error type, size, age. Never the arguments."""
+    app = _app(ctx)
+    rows = list_rows(app)
+    stats = spool_stats(app)
+    states = Counter(r.state for r in rows)
+    summary = {"pending": states["pending"], "held": states["held"], "quarantined": states["quarantined"],
+               "bytes": stats.bytes, "cap": stats.cap}
+    if rows:
+        text = _table(["id", "state", "operation", "task_id", "attempts", "last_error", "size", "age"],
+                      [[r.id, r.state, r.operation, r.task_id, r.attempts, r.last_error, _size(r.size), _age(r.age)]
+                       for r in rows])
+        text += (f"\n{_plural(len(rows), 'row')}: {states['pending']} pending, {states['held']} held, "
+                 f"{states['quarantined']} quarantined; {_size(stats.bytes)} of {_size(stats.cap)} used")
+    else:
+        text = "the spool is empty"
+    _emit(ctx, {**summary, "rows": [r.as_dict() for r in rows]}, text)
+
+
+@spool.command("show", cls=CeleryCommand)
+@click.argument("row_id", type=click.IntRange(min=1), metavar="ID")
+@click.option("--show-data", is_flag=True, cls=CeleryOption, help_group="Output Options",
+              help="Also print the arguments, headers and metadata (customer data: emails, attributes, bodies).")
+@_json_option
+@click.pass_context
+def spool_show(ctx: click.Context, row_id: int, show_data: bool, as_json: bool) -> None:
+    """One row with its publish options; its arguments are customer data, hidden unless --show-data.
+    Exit 1 if absent."""
+    row = show_row(_app(ctx), row_id, show_data=show_data)
+    if row is None:
+        _fail(ctx, EXIT_NOT_OK, "not_found", f"no spool row with id {row_id}")
+    row["data_hidden"] = not show_data
+    fields = ["id", "state", "operation", "task_id", "attempts", "last_error", "size"]
+    lines = [f"{k:<10} {'-' if row.get(k) is None else row[k]}" for k in fields]
+    lines.append(f"{'age':<10} {_age(row['age'])}")
+    lines.append(f"{'options':<10} {json.dumps(row.get('options') or {}, sort_keys=True, default=str)}")
+    for k in ("args", "kwargs", "meta") if show_data else ("args", "kwargs"):
+        value = row.get(k)
+        text = json.dumps(value, sort_keys=True, default=str) if show_data else str(value)
+        if not show_data and k == "args":
+            text = text[:-1] + "; --show-data shows them>"
+        lines.append(f"{k:<10} {text}")
+    _emit(ctx, row, "\n".join(lines))
+
+
+def _rows_by_id(app: Any, ids: tuple[int, ...]) -> tuple[list[SpoolRowInfo], list[int]]:
+    by_id = {r.id: r for r in list_rows(app)}
+    wanted = list(dict.fromkeys(ids))
+    return [by_id[i] for i in wanted if i in by_id], [i for i in wanted if i not in by_id]
+
+
+@spool.command("drop", cls=CeleryCommand)
+@_row_ids
+@_yes_option
+@_json_option
+@click.pass_context
+def spool_drop(ctx: click.Context, ids: tuple[int, ...], yes: bool, as_json: bool) -> None:
+    """Delete rows (pending or quarantined) for good: they will not be delivered. Exit 1 when an id was not found."""
+    app = _app(ctx)
+    rows, missing = _rows_by_id(app, ids)
+    if not rows:
+        _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no spool row matches; nothing was deleted.", missing=missing)
+    pending = sum(r.state != "quarantined" for r in rows)
+    warning = (f" {pending} not quarantined: a process of this host may be publishing it right now." if pending
+               else "")
+    _confirm(ctx, yes, f"Delete {_plural(len(rows), 'spooled operation')} ({_by_operation(rows)}) for good? "
+             f"They will not be delivered.{warning}")
+    dropped = [r.id for r in rows if drop_row(app, r.id)]
+    missing += [r.id for r in rows if r.id not in dropped]  # flushed or dropped meanwhile
+    lines = [f"dropped {_plural(len(dropped), 'spooled operation')}", *(f"not found: {i}" for i in missing)]
+    _emit(ctx, {"dropped": len(dropped), "ids": dropped, "missing": missing}, "\n".join(lines))
+    ctx.exit(EXIT_NOT_OK if missing else EXIT_OK)
+
+
+@spool.command("requeue", cls=CeleryCommand)
+@_row_ids
+@_json_option
+@click.pass_context
+def spool_requeue(ctx: click.Context, ids: tuple[int, ...], as_json: bool) -> None:
+    """Move quarantined rows back to the end of the pending rows (attempts reset, new ids).
+
+    The app's processes on this host flush them like any leftover, or `cio spool flush` now.
+    Exit 1 when an id is not a quarantined row.
+    """
+    app = _app(ctx)
+    rows, missing = _rows_by_id(app, ids)
+    requeued: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    for row in rows:
+        if row.state != "quarantined":
+            skipped.append({"id": row.id, "why": f"not quarantined ({row.state})"})
+        elif requeue_row(app, row.id):
+            requeued.append(row.id)
+        else:
+            missing.append(row.id)  # dropped or requeued meanwhile
+    lines = [f"requeued {_plural(len(requeued), 'row')}"
+             + (" (new ids, at the end of the pending rows); this host's processes of the app flush them within "
+                f"{LEFTOVER_CHECK_SECONDS:.0f}s, or run `cio spool flush`" if requeued else "")]
+    lines += [f"skipped {s['id']}: {s['why']}" for s in skipped]
+    lines += [f"not found: {i}" for i in missing]
+    _emit(ctx, {"requeued": len(requeued), "ids": requeued, "skipped": skipped, "missing": missing},
+          "\n".join(lines))
+    ctx.exit(EXIT_NOT_OK if skipped or missing else EXIT_OK)

@@ -82,6 +82,7 @@ __all__ = [
     "check_options",
     "drop_row",
     "flush_spool",
+    "held_depth",
     "is_broker_outage",
     "list_rows",
     "publisher_for",
@@ -197,13 +198,21 @@ class SpoolUsage(NamedTuple):
 
 @dataclass(frozen=True)
 class SpoolStats:
-    """What health and metrics read: pending rows, oldest pending age, quarantine, usage."""
+    """What health and metrics read: pending rows, oldest pending age, quarantine, usage.
+
+    Of the pending rows, ``held`` are held by a publish still in flight (``hold_left``: seconds
+    until the last hold ends, None when none is held) and ``failing`` failed to publish with
+    the broker answering (their attempts count towards ``spool_max_attempts``).
+    """
 
     depth: int
     oldest_age: float | None
     quarantined: int
     bytes: int
     cap: int
+    held: int = 0
+    hold_left: float | None = None
+    failing: int = 0
 
 
 # -- file ownership and permissions ------------------------------------------------------------
@@ -1040,19 +1049,33 @@ def spool_stats(app: Any, settings: Settings | None = None) -> SpoolStats:
     if not os.path.exists(path):
         return SpoolStats(0, None, 0, 0, s.spool_max_bytes)
     db = _read_only(path)
+    now = time.time()
     try:
         depth, oldest = db.execute("SELECT COUNT(*), MIN(created) FROM spool").fetchone()
         held = db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
         used = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()[0]
+        in_flight, last_hold = db.execute(
+            "SELECT COUNT(*), MAX(hold_until) FROM spool WHERE hold_until > ?", (now,)).fetchone()
+        failing = db.execute(
+            "SELECT COUNT(*) FROM spool WHERE attempts > 0 AND hold_until <= ?", (now,)).fetchone()[0]
     finally:
         db.close()
-    age = None if oldest is None else max(0.0, time.time() - float(oldest))
-    return SpoolStats(int(depth), age, int(held), int(used), s.spool_max_bytes)
+    age = None if oldest is None else max(0.0, now - float(oldest))
+    hold_left = None if last_hold is None else max(0.0, float(last_hold) - now)
+    return SpoolStats(int(depth), age, int(held), int(used), s.spool_max_bytes, int(in_flight), hold_left,
+                      int(failing))
 
 
 def spool_depth(app: Any) -> int:
     """Messages waiting (not quarantined) in ``app``'s spool on this machine."""
     return spool_stats(app).depth
+
+
+def held_depth(app: Any) -> int:
+    """Pending messages of ``app``'s spool on this machine held by a publish still in flight
+    (in some process of this host): a flush leaves them until the publish ends or the hold
+    expires (``HOLD_SECONDS``)."""
+    return spool_stats(app).held
 
 
 def quarantine_depth(app: Any) -> int:
@@ -1115,11 +1138,17 @@ def show_row(app: Any, row_id: int, *, show_data: bool = False) -> dict[str, Any
         if show_data:
             out.update(options=options, args=args, kwargs=kwargs, meta=meta)
         else:
-            # Options are the caller's publish options: headers and reprs may carry data too.
-            out["options"] = {k: v for k, v in options.items() if k not in {"headers", "argsrepr", "kwargsrepr"}}
-            out.update(args=f"<{len(args)} args hidden>", kwargs=f"<{len(kwargs)} kwargs hidden>")
+            # Options are the caller's publish options: headers, reprs and linked signatures
+            # (their arguments) may carry data too.
+            out["options"] = {k: "<hidden>" if k in {"link", "link_error"} else v for k, v in options.items()
+                              if k not in {"headers", "argsrepr", "kwargsrepr"}}
+            out.update(args=_hidden(len(args), "arg"), kwargs=_hidden(len(kwargs), "kwarg"))
         return out
     return None
+
+
+def _hidden(n: int, word: str) -> str:
+    return f"<{n} {word}{'' if n == 1 else 's'} hidden>"
 
 
 def drop_row(app: Any, row_id: int) -> bool:

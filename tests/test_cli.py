@@ -32,7 +32,7 @@ from cio_celery.cli import parse_duration
 from cio_celery.deadletters import DeadLetters
 from cio_celery.fallback import Fallback
 from cio_celery.settings import settings_for_app
-from cio_celery.spool import Spool, publisher_for
+from cio_celery.spool import list_rows, publisher_for, spool_for
 from cio_celery.store import key
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer, free_port
@@ -71,11 +71,11 @@ def cli_env(redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
             os.environ[k] = v
 
 
-def _empty_spool(directory: str) -> None:
-    spool = Spool(directory)
-    for row in spool.peek(10_000):
-        spool.delete(row.id)
-    spool.close()
+def _empty_spool(app: Any) -> None:
+    """Every row of the app's spool file on this host, pending and quarantined, deleted."""
+    spool = spool_for(app)
+    for row in spool.rows():
+        spool.delete(row[1])
 
 
 @pytest.fixture()
@@ -85,10 +85,10 @@ def app(cli_env: dict[str, str]) -> Iterator[Any]:
 
     for url in (cli_env["CELERY_BROKER_URL"], cli_env["CIO_REDIS_URL"]):
         redis.Redis.from_url(url).flushdb()
-    _empty_spool(cli_env["CIO_SPOOL_DIR"])
+    _empty_spool(cli_app)
     yield cli_app
     breaker_for(settings_for_app(cli_app)).reset()
-    _empty_spool(cli_env["CIO_SPOOL_DIR"])
+    _empty_spool(cli_app)
 
 
 def run(*args: str) -> Result:
@@ -570,6 +570,116 @@ def test_spool_flush_with_the_broker_down_is_exit_3_and_keeps_the_spool(app: Any
     assert down.stderr.strip().startswith("cio: the broker is unreachable (")
     assert PASSWORD not in down.stdout + down.stderr
     assert spool.depth() == 1
+
+
+def bad_row(task_id: str, **options: Any) -> dict[str, Any]:
+    """A spooled message no broker takes (an older version spooled it with a bad option)."""
+    return {"task": "cio_celery.identify", "args": ["bad-row-user"], "kwargs": {"_cio": {"key": task_id}},
+            "task_id": task_id, "options": {"queue": "cio", "expires": "soon", **options}}
+
+
+def test_spool_list_show_requeue_drop_and_flush_says_why_rows_remain(app: Any, cli_env: dict[str, str]) -> None:
+    spool = spool_for(app)
+    bad = spool.put(bad_row("bad-1"))
+    good = spool.put({"task": "cio_celery.identify", "args": [EMAIL], "kwargs": {"plan": "secret-plan",
+                      "_cio": {"key": "good-1"}}, "task_id": "good-1",
+                      "options": {"queue": "cio", "headers": {"h": EMAIL}, "link": {"task": "t", "args": [EMAIL]}}})
+    assert run("spool", "list").stdout.splitlines()[0].split() == [
+        "id", "state", "operation", "task_id", "attempts", "last_error", "size", "age"]
+    listed = run("spool", "list", "--json")
+    assert listed.exit_code == 0
+    data = doc(listed)
+    assert [(r["id"], r["state"], r["task_id"]) for r in data["rows"]] == [(bad, "pending", "bad-1"),
+                                                                          (good, "pending", "good-1")]
+    assert (data["pending"], data["held"], data["quarantined"], data["cap"]) == (2, 0, 0, 256 * 1024 * 1024)
+    assert data["bytes"] == sum(r["size"] for r in data["rows"])
+    hidden = run("spool", "show", str(good), "--json")
+    assert hidden.exit_code == 0 and doc(hidden)["data_hidden"] is True
+    assert doc(hidden)["args"] == "<1 arg hidden>" and doc(hidden)["kwargs"] == "<1 kwarg hidden>"
+    assert doc(hidden)["options"] == {"queue": "cio", "link": "<hidden>"}
+    text = run("spool", "show", str(good))
+    assert "args       <1 arg hidden; --show-data shows them>" in text.stdout
+    for out in (listed.stdout, hidden.stdout, text.stdout, run("spool", "list").stdout):
+        assert EMAIL not in out and "secret-plan" not in out and "bad-row-user" not in out
+    shown = doc(run("spool", "show", str(good), "--show-data", "--json"))
+    assert shown["args"] == [EMAIL] and shown["kwargs"] == {"plan": "secret-plan"}
+    assert shown["meta"] == {"key": "good-1"}
+    missing = run("spool", "show", "999", "--json")
+    assert missing.exit_code == 1 and doc(missing)["error"] == "not_found"
+    assert run("spool", "show", "x").exit_code == 2
+
+    # The good row is published; the bad one fails with the broker answering, and says so.
+    first = run("spool", "flush", "--json")
+    assert first.exit_code == 1
+    assert {k: doc(first)[k] for k in ("published", "quarantined", "remaining", "in_quarantine")} == {
+        "published": 1, "quarantined": 0, "remaining": 1, "in_quarantine": 0}
+    assert doc(first)["why"].startswith("1 operation failed to publish with the broker answering")
+    assert [m["id"] for m in queued(cli_env, "cio")] == ["good-1"]
+    for _ in range(3):
+        assert run("spool", "flush").exit_code == 1
+    last = run("spool", "flush")  # the fifth failure (spool_max_attempts): quarantined
+    assert last.exit_code == 1
+    assert last.stdout.startswith("published 0; 1 quarantined; 0 remain: the spool's quarantine holds 1 operation")
+    assert "cio spool list" in last.stdout
+    only = run("spool", "flush", "--json")
+    assert only.exit_code == 1 and doc(only)["in_quarantine"] == 1 and doc(only)["published"] == 0
+    [row] = doc(run("spool", "list", "--json"))["rows"]
+    assert (row["id"], row["state"], row["attempts"], row["last_error"]) == (bad, "quarantined", 5, "ValueError")
+
+    status = run("status", "--json", *NO_WORKER)
+    assert status.exit_code == 1 and doc(status)["spool_quarantined"] == 1
+    [problem] = doc(status)["problems"]
+    assert problem["name"] == "spool_quarantine_not_empty" and "cio spool list" in problem["fix"]
+    assert "spool (this host)      0 waiting, 1 quarantined, " in run("status", *NO_WORKER).stdout
+
+    # Back to the pending rows (a new id at the end), then dropped for good.
+    requeued = run("spool", "requeue", str(bad), "999", "--json")
+    assert requeued.exit_code == 1  # 999 is not a row
+    assert doc(requeued) == {"requeued": 1, "ids": [bad], "skipped": [], "missing": [999]}
+    [again] = doc(run("spool", "list", "--json"))["rows"]
+    assert (again["state"], again["attempts"], again["task_id"]) == ("pending", 0, "bad-1") and again["id"] > good
+    not_quarantined = run("spool", "requeue", str(again["id"]), "--json")
+    assert not_quarantined.exit_code == 1
+    assert doc(not_quarantined)["skipped"] == [{"id": again["id"], "why": "not quarantined (pending)"}]
+    refused = run("spool", "drop", str(again["id"]))
+    assert refused.exit_code == 1 and "--yes" in refused.stderr and len(list_rows(app)) == 1
+    dropped = run("spool", "drop", str(again["id"]), "--yes")
+    assert dropped.exit_code == 0 and dropped.stdout.strip() == "dropped 1 spooled operation"
+    assert run("spool", "list").stdout.strip() == "the spool is empty"
+    gone = run("spool", "drop", str(again["id"]), "--yes", "--json")
+    assert gone.exit_code == 1 and doc(gone)["error"] == "nothing_matched"
+    assert run("spool", "drop", "--yes").exit_code == 2  # an id is required
+    assert run("status", *NO_WORKER).exit_code == 0
+
+
+def test_a_spool_near_its_byte_cap_is_named_by_status(
+    app: Any, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web process whose broker is down spools big operations up to 80 % of spool_max_bytes."""
+    broker_url = f"redis://127.0.0.1:{free_port()}/0"
+    web = web_app(cli_env, broker_url)
+    web.conf.cio_spool_max_bytes = 1024 * 1024
+    big = {f"attr_{i}": "x" * 900 for i in range(100)}  # ~92 KB of attributes per identify
+    with monkeypatch.context() as m:
+        m.delenv("CELERY_BROKER_URL")  # Celery prefers it to the app's own broker URL
+        for i in range(10):
+            web.tasks["cio_celery.identify"].delay(f"user-{i}", **big)
+        publisher_for(web).stop()
+    env = {**cli_env, "CELERY_BROKER_URL": broker_url, "CIO_SPOOL_MAX_BYTES": str(1024 * 1024)}
+    done = run_sub(env, "status", "--json", *NO_WORKER)
+    assert done.returncode == 1, done.stderr
+    data = doc(done)
+    assert data["spool_depth"] == 10 and data["spool_max_bytes"] == 1024 * 1024
+    assert 0.8 * 1024 * 1024 <= data["spool_bytes"] < 1024 * 1024
+    [near] = [p for p in data["problems"] if p["name"] == "spool_near_full"]
+    assert near["message"].startswith(f"this host's spool holds {data['spool_bytes']} of 1048576 bytes (")
+    assert "CIO_SPOOL_MAX_BYTES" in near["fix"]
+    assert "broker_unreachable" in [p["name"] for p in data["problems"]]
+    text = run_sub(env, "status", *NO_WORKER).stdout
+    assert "spool (this host)      10 waiting, 0 quarantined, " in text and "of 1.0 MiB (" in text
+    # Below 80 %: not named.
+    lower = run_sub({**env, "CIO_SPOOL_MAX_BYTES": str(2 * 1024 * 1024)}, "status", "--json", *NO_WORKER)
+    assert "spool_near_full" not in [p["name"] for p in doc(lower)["problems"]]
 
 
 # -- unreachable store, bad configuration ---------------------------------------------------------

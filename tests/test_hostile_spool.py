@@ -26,6 +26,7 @@ from cio_celery.spool import (
     Spool,
     drop_row,
     flush_spool,
+    held_depth,
     list_rows,
     publisher_for,
     quarantine_depth,
@@ -269,7 +270,7 @@ def test_operator_functions_list_show_requeue_and_drop_without_customer_data(
     assert EMAIL not in listing and "secret-plan" not in listing and "bad-row-user" not in listing
 
     shown = show_row(app, good)
-    assert shown is not None and shown["args"] == "<1 args hidden>" and shown["kwargs"] == "<1 kwargs hidden>"
+    assert shown is not None and shown["args"] == "<1 arg hidden>" and shown["kwargs"] == "<1 kwarg hidden>"
     assert EMAIL not in json.dumps(shown) and "secret-plan" not in json.dumps(shown)
     full = show_row(app, good, show_data=True)
     assert full is not None and full["args"] == [EMAIL] and full["kwargs"] == {"plan": "secret-plan"}
@@ -283,6 +284,35 @@ def test_operator_functions_list_show_requeue_and_drop_without_customer_data(
     assert (requeued.state, requeued.attempts, requeued.task_id) == ("pending", 0, "bad-2")
     assert drop_row(app, requeued.id) and not drop_row(app, requeued.id)
     assert list_rows(app) == [] and spool_usage(app).bytes == 0
+    stop(app)
+
+
+def test_spool_stats_tell_held_and_failing_rows_apart(live_url: str, tmp_path: Path) -> None:
+    """What `cio spool flush` says about the rows a flush leaves: held by a publish in flight,
+    failing with the broker answering, quarantined; and show_row hides linked signatures."""
+    app = make_app(live_url, tmp_path, spool_max_attempts=2, spool_flush_interval=3600.0)
+    spool = spool_for(app)
+    bad = spool.put(bad_entry(app, "bad-3", expires="soon"))
+    held = spool.put(bad_entry(app, "held-1") | {"options": {"queue": "cio", "link": {"task": "t", "args": [EMAIL]}}},
+                     hold=30)
+    stats = spool_stats(app)
+    assert (stats.depth, stats.held, stats.failing, stats.quarantined) == (2, 1, 0, 0)
+    assert stats.hold_left is not None and 25 < stats.hold_left <= 30
+    assert held_depth(app) == 1
+    result = flush_spool(app)  # the bad row fails (broker answering), then the held one stops the pass
+    assert (result.published, result.quarantined, result.remaining) == (0, 0, 2)
+    stats = spool_stats(app)
+    assert (stats.depth, stats.held, stats.failing) == (2, 1, 1)
+    shown = show_row(app, held)
+    assert shown is not None and shown["options"] == {"queue": "cio", "link": "<hidden>"}
+    assert EMAIL not in json.dumps(shown)
+    spool.unhold(held)  # the publish in flight failed: the row goes back to the flusher
+    result = flush_spool(app)
+    assert (result.published, result.quarantined, result.remaining) == (1, 1, 0)
+    stats = spool_stats(app)
+    assert (stats.depth, stats.held, stats.failing, stats.quarantined, stats.hold_left) == (0, 0, 0, 1, None)
+    assert [r.task_id for r in list_rows(app)] == ["bad-3"] and list_rows(app)[0].id == bad
+    assert queued_ids(live_url) == ["held-1"]
     stop(app)
 
 
