@@ -12,6 +12,7 @@ document on stdout (errors too: ``{"error": ..., "message": ...}``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import itertools
@@ -39,6 +40,7 @@ from .exceptions import CioError, ConfigurationError, EnqueueError, ValidationEr
 from .fallback import Fallback
 from .health import DEFAULT_INSPECT_TIMEOUT, DEFAULT_MAX_SPOOL_AGE, PROBLEM_NAMES, health_report
 from .operations import OPERATIONS
+from .quarantine import Quarantine, Quarantined
 from .settings import Settings, configure, settings_for_app
 from .spool import (
     LEFTOVER_CHECK_SECONDS,
@@ -283,7 +285,7 @@ def _yes_option(f: F) -> F:
 
 @click.group(name="cio", cls=CioGroup)
 def cio() -> None:
-    """cio_celery: health, circuit breaker, dead letters, fallback and spool of this app.
+    """cio_celery: health, circuit breaker, dead letters, quarantine, fallback and spool of this app.
 
     Exit codes: 0 ok, 1 not ok, 2 usage or configuration error, 3 store or broker unreachable.
     """
@@ -676,6 +678,105 @@ def dl_purge(ctx: click.Context, ids: tuple[str, ...], operation: str | None, ol
     _confirm(ctx, yes, f"Delete {_plural(len(entries), 'dead letter')} ({_by_operation(entries)}) for good?")
     purged = [e.id for e in entries if store.delete(e.id)]
     lines = [f"purged {_plural(len(purged), 'dead letter')}", *(f"not found: {i}" for i in missing)]
+    _emit(ctx, {"purged": len(purged), "ids": purged, "missing": missing}, "\n".join(lines))
+    ctx.exit(EXIT_NOT_OK if missing else EXIT_OK)
+
+
+# -- the store's quarantine ----------------------------------------------------------------------
+
+
+@cio.group()
+def quarantine() -> None:
+    """Store entries that could not be read (parked operations, dead letters, batch items), kept for a human."""
+
+
+def _entries(n: int) -> str:
+    return f"{n} quarantined {'entry' if n == 1 else 'entries'}"
+
+
+def _quarantined(entry: Quarantined, now: float) -> dict[str, Any]:
+    d = entry.summary()
+    d["age_seconds"] = round(max(0.0, now - entry.moved_at), 3)
+    return d
+
+
+@quarantine.command("list", cls=CeleryCommand)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, cls=CeleryOption,
+              help_group="Selection Options", help="Show at most this many (oldest first).")
+@_json_option
+@click.pass_context
+def quarantine_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Entries oldest first: id, source, why, size, age (never their bytes, which may hold customer data)."""
+    store = Quarantine(_settings(ctx))
+    entries = store.entries(limit)
+    total = store.count()
+    now = time.time()
+    rows = [[e.id, e.source, e.why, e.size, _age(now - e.moved_at)] for e in entries]
+    if rows:
+        text = _table(["id", "source", "why", "bytes", "age"], rows)
+        text += f"\n{len(entries)} shown of {_entries(total)}"
+    else:
+        text = "the quarantine is empty"
+    _emit(ctx, {"total": total, "shown": len(entries), "entries": [_quarantined(e, now) for e in entries]}, text)
+
+
+@quarantine.command("show", cls=CeleryCommand)
+@click.argument("entry_id", metavar="ID")
+@click.option("--show-data", is_flag=True, cls=CeleryOption, help_group="Output Options",
+              help="Also print the entry's bytes (they may hold customer data: ids, emails, attributes).")
+@_json_option
+@click.pass_context
+def quarantine_show(ctx: click.Context, entry_id: str, show_data: bool, as_json: bool) -> None:
+    """One entry: where it came from, why it could not be read; its bytes only with --show-data. Exit 1 if absent."""
+    entry = Quarantine(_settings(ctx)).get(entry_id)
+    if entry is None:
+        _fail(ctx, EXIT_NOT_OK, "not_found", f"no quarantined entry with id {entry_id!r}")
+    now = time.time()
+    data = _quarantined(entry, now)
+    data["moved_at_iso"] = _iso(entry.moved_at)
+    if show_data:
+        try:
+            data["raw"], data["raw_encoding"] = entry.raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            data["raw"], data["raw_encoding"] = base64.b64encode(entry.raw).decode("ascii"), "base64"
+        data["data_hidden"] = False
+        raw_text = data["raw"] if data["raw_encoding"] == "utf-8" else f"(base64) {data['raw']}"
+    else:
+        data["raw"] = f"<{_plural(entry.size, 'byte')} hidden; --show-data shows them>"
+        data["raw_encoding"] = None
+        data["data_hidden"] = True
+        raw_text = data["raw"]
+    lines = [f"{k:<9} {data[k]}" for k in ("id", "source", "why", "size")]
+    lines += [f"{'moved_at':<9} {data['moved_at_iso']} ({_age(now - entry.moved_at)} ago)", f"{'raw':<9} {raw_text}"]
+    _emit(ctx, data, "\n".join(lines))
+
+
+@quarantine.command("purge", cls=CeleryCommand)
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--all", "all_", is_flag=True, cls=CeleryOption, help_group="Selection Options",
+              help="Every quarantined entry.")
+@_yes_option
+@_json_option
+@click.pass_context
+def quarantine_purge(ctx: click.Context, ids: tuple[str, ...], all_: bool, yes: bool, as_json: bool) -> None:
+    """Delete entries for good (what they held is not delivered). Exit 1 when nothing matched or an id was not found."""
+    if bool(ids) == all_:
+        raise click.UsageError("select entries with IDs or with --all (one of the two)", ctx)
+    store = Quarantine(_settings(ctx))
+    if all_:
+        entries, missing = store.entries(None), []
+    else:
+        found = {i: store.get(i) for i in dict.fromkeys(ids)}
+        entries = [e for e in found.values() if e is not None]
+        missing = [i for i, e in found.items() if e is None]
+    if not entries:
+        _fail(ctx, EXIT_NOT_OK, "nothing_matched", "no quarantined entry matches; nothing was deleted.",
+              missing=missing)
+    sources = ", ".join(f"{src} {n}" for src, n in sorted(Counter(e.source for e in entries).items()))
+    _confirm(ctx, yes, f"Delete {_entries(len(entries))} ({sources}) for good? What they hold will not be delivered.")
+    purged = [e.id for e in entries if store.purge([e.id])]
+    lines = [f"purged {_entries(len(purged))}",
+             *(f"not found: {i}" for i in missing)]
     _emit(ctx, {"purged": len(purged), "ids": purged, "missing": missing}, "\n".join(lines))
     ctx.exit(EXIT_NOT_OK if missing else EXIT_OK)
 

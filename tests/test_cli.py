@@ -165,7 +165,7 @@ def test_the_entry_point_is_installed_and_runs_in_a_real_celery_command(app: Any
     assert doc(done)["healthy"] is True and doc(done)["breaker"]["state"] == "closed"
     helped = run_sub(cli_env, "--help")
     assert helped.returncode == 0
-    for command in ("status", "breaker", "dead-letters", "fallback", "spool"):
+    for command in ("status", "breaker", "dead-letters", "quarantine", "fallback", "spool"):
         assert command in helped.stdout
 
 
@@ -464,6 +464,72 @@ def test_a_real_dead_letter_is_replayed_and_delivered_by_a_worker(
             assert secret not in replayed.stdout + replayed.stderr
     finally:
         worker.stop()
+
+
+# -- the store's quarantine --------------------------------------------------------------------------
+
+
+def test_quarantine_list_show_and_purge_without_customer_data(app: Any) -> None:
+    s = settings(app)
+    store = redis.Redis.from_url(s.redis_url)
+    # A parked operation this version cannot read: the release moves it to the quarantine.
+    fb = Fallback(s, app)
+    store.lpush(key(s, "fallback", "ops"), b"\xff" + json.dumps({"email": EMAIL}).encode())
+    assert fb.release(10) == 1 and fb.depth() == 0
+    # A dead letter that cannot be read: listing the dead letters moves it (and does not crash).
+    store.hset(key(s, "dlq", "items"), "broken", json.dumps({"kwargs": {"email": EMAIL}})[:-1])
+    store.zadd(key(s, "dlq", "index"), {"broken": time.time()})
+    listed = run("dead-letters", "list", "--json")
+    assert listed.exit_code == 0 and doc(listed)["total"] == 0
+
+    status = run("status", "--json", *NO_WORKER)
+    assert status.exit_code == 1 and doc(status)["quarantine"] == 2
+    [problem] = doc(status)["problems"]
+    assert problem["name"] == "quarantine_not_empty" and problem["message"].startswith("2 store entries")
+    assert "cio quarantine list" in problem["fix"]
+    assert "quarantine (store)     2" in run("status", *NO_WORKER).stdout
+
+    entries = run("quarantine", "list", "--json")
+    assert entries.exit_code == 0
+    assert doc(entries)["total"] == 2 and doc(entries)["shown"] == 2
+    fallback_entry, letter = doc(entries)["entries"]  # oldest first
+    assert set(letter) == {"id", "source", "why", "moved_at", "size", "age_seconds"}
+    assert (fallback_entry["source"], fallback_entry["why"]) == ("fallback", "not JSON")
+    assert (letter["id"], letter["source"]) == ("dead_letter:broken", "dead_letter")
+    assert letter["why"].startswith("unreadable (")
+    table = run("quarantine", "list")
+    assert table.stdout.splitlines()[0].split() == ["id", "source", "why", "bytes", "age"]
+    assert table.stdout.splitlines()[-1] == "2 shown of 2 quarantined entries"
+    assert doc(run("quarantine", "list", "--limit", "1", "--json"))["shown"] == 1
+
+    hidden = run("quarantine", "show", letter["id"], "--json")
+    assert hidden.exit_code == 0 and doc(hidden)["data_hidden"] is True
+    assert doc(hidden)["raw"] == f"<{letter['size']} bytes hidden; --show-data shows them>"
+    text = run("quarantine", "show", letter["id"])
+    assert f"id        {letter['id']}" in text.stdout and "bytes hidden" in text.stdout
+    for out in (entries.stdout, table.stdout, hidden.stdout, text.stdout, status.stdout):
+        assert EMAIL not in out
+    shown = run("quarantine", "show", letter["id"], "--show-data", "--json")
+    assert doc(shown)["raw_encoding"] == "utf-8" and EMAIL in doc(shown)["raw"]
+    binary = doc(run("quarantine", "show", fallback_entry["id"], "--show-data", "--json"))
+    assert binary["raw_encoding"] == "base64" and EMAIL in base64.b64decode(binary["raw"]).decode(errors="replace")
+    missing = run("quarantine", "show", "nope", "--json")
+    assert missing.exit_code == 1 and doc(missing)["error"] == "not_found"
+
+    assert run("quarantine", "purge", "--yes").exit_code == 2  # no selection
+    assert run("quarantine", "purge", letter["id"], "--all", "--yes").exit_code == 2  # two kinds
+    refused = run("quarantine", "purge", letter["id"])
+    assert refused.exit_code == 1 and "--yes" in refused.stderr
+    assert doc(run("quarantine", "list", "--json"))["total"] == 2, "nothing changed"
+    by_id = run("quarantine", "purge", letter["id"], "nope", "--yes", "--json")
+    assert by_id.exit_code == 1  # one id was not found; the other was purged
+    assert doc(by_id) == {"purged": 1, "ids": [letter["id"]], "missing": ["nope"]}
+    everything = run("quarantine", "purge", "--all", "--yes")
+    assert everything.exit_code == 0 and everything.stdout.strip() == "purged 1 quarantined entry"
+    assert run("quarantine", "list").stdout.strip() == "the quarantine is empty"
+    nothing = run("quarantine", "purge", "--all", "--yes", "--json")
+    assert nothing.exit_code == 1 and doc(nothing)["error"] == "nothing_matched"
+    assert run("status", *NO_WORKER).exit_code == 0
 
 
 # -- fallback ----------------------------------------------------------------------------------

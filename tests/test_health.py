@@ -23,6 +23,7 @@ import redis
 from celery import Celery
 
 from cio_celery.breaker import Breaker
+from cio_celery.fallback import Fallback
 from cio_celery.health import PROBLEM_NAMES, forget_workers, health_report
 from cio_celery.ledger import Ledger
 from cio_celery.settings import Settings, configure, settings_for_app
@@ -35,6 +36,7 @@ from tests.workers import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "trk-SECRET-health-never-printed"
+EMAIL = "ada-health@example.com"
 # Where a worker must answer: a loaded machine (CI) can take more than the default 1 s.
 ANSWER = ("--inspect-timeout", "5")
 
@@ -272,6 +274,39 @@ def test_a_transport_that_cannot_be_imported_is_named_with_the_install_fix(env: 
 
 
 # -- the store's quarantine and the delivery ledger ----------------------------------------------
+
+
+def test_an_unreadable_parked_entry_is_quarantined_by_a_worker_and_named_until_purged(
+    env: dict[str, str], tmp_path: Path, fake: FakeCustomerIO
+) -> None:
+    web = enqueue_app(env)
+    settings = settings_for_app(web)
+    Fallback(settings, web).park("identify", "parked-1", ["user-parked"], {"_cio": {"key": "parked-1"}})
+    # In front of it, an entry this version cannot read (a half-applied upgrade, a foreign writer).
+    redis.Redis.from_url(env["CIO_REDIS_URL"]).lpush(key(settings, "fallback", "ops"),
+                                                     b"\xff" + json.dumps({"email": EMAIL}).encode())
+    worker = start_worker(env, tmp_path, "releaser", CIO_FALLBACK_RELEASE_INTERVAL="0.2")
+    try:
+        [applied] = fake.wait_for_applied(1, timeout=30)  # the one behind it flows on
+        assert applied.customer_id == "user-parked"
+        done = cio(env, "status", "--json", *ANSWER)
+        assert done.returncode == 1, done.stdout + done.stderr
+        data = report(done)
+        [problem] = data["problems"]
+        assert problem["name"] == "quarantine_not_empty" and data["quarantine"] == 1
+        assert problem["message"].startswith("1 store entry that could not be read")
+        assert "celery -A proj cio quarantine list" in problem["fix"]
+        [entry] = report(cio(env, "quarantine", "list", "--json"))["entries"]
+        assert (entry["source"], entry["why"]) == ("fallback", "not JSON")
+        purged = cio(env, "quarantine", "purge", entry["id"], "--yes")
+        assert purged.returncode == 0 and purged.stdout.strip() == "purged 1 quarantined entry"
+        healthy = cio(env, "status", "--json", *ANSWER)
+        assert healthy.returncode == 0, report(healthy)["problems"]
+        for out in (done, purged, healthy):
+            assert EMAIL not in out.stdout + out.stderr
+    finally:
+        worker.stop()
+        publisher_for(web).stop()
 
 
 def test_ledger_overdue_is_named_while_no_worker_sweeps_and_gone_once_one_does(
