@@ -1,5 +1,9 @@
 """The chaos suite's cluster: private redis-servers (AOF on), real prefork workers, the fake.
 
+The broker is a redis-server (the default) or, with ``broker="rabbitmq"``, the test's own
+RabbitMQ node (tests/rabbitmq.py) beside a separate Redis store; producer and workers then use
+``recommended_celery_config(transport="amqp")`` (publisher confirms, persistent messages).
+
 Every operation carries a unique sequence number (``seq``) so the fake can count how many
 times each one was applied; "exactly once" means applied once. Figures of each scenario go
 to stdout and, one JSON line per scenario, to ``$CIO_CHAOS_REPORT``
@@ -17,10 +21,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 
+from cio_celery.checks import recommended_celery_config
 from cio_celery.deadletters import DeadLetters
 from cio_celery.fallback import Fallback
 from cio_celery.settings import settings_for_app
@@ -48,10 +53,18 @@ CHAOS_ENV = {
 }
 
 
+class Broker(Protocol):
+    """What a scenario does to its broker: a RedisServer or a tests.rabbitmq.RabbitMQNode."""
+
+    def start(self) -> Any: ...
+
+    def stop(self, kill: bool = False) -> None: ...
+
+
 @dataclass
 class Cluster:
     fake: FakeCustomerIO
-    broker: RedisServer
+    broker: Broker
     store: RedisServer
     broker_url: str
     store_url: str
@@ -59,6 +72,7 @@ class Cluster:
     producer: Celery
     workers: list[WorkerProcess] = field(default_factory=list)
     task_ids: dict[int, str] = field(default_factory=dict)  # seq -> task id, to trace a lost one
+    kind: str = "redis"  # the broker: "redis" or "rabbitmq"
 
     def task(self, operation: str) -> Any:
         return self.producer.tasks[f"cio_celery.{operation}"]
@@ -126,13 +140,34 @@ class Cluster:
 
 @contextmanager
 def chaos_cluster(
-    workers: int = 2, concurrency: int = 2, separate_store: bool = False, tmp: Path | None = None, **env: str
+    workers: int = 2, concurrency: int = 2, separate_store: bool = False, tmp: Path | None = None,
+    broker: str = "redis", rabbitmq: Any = None, **env: str
 ) -> Iterator[Cluster]:
+    """Broker, store, fake and ``workers`` prefork workers of ``concurrency`` processes.
+
+    ``broker="rabbitmq"``: a RabbitMQ node as broker (``rabbitmq``, a running
+    tests.rabbitmq.RabbitMQNode the caller owns, else one started here) and always a separate
+    Redis store; the ``cio`` and ``cio.fallback`` queues are deleted first.
+    """
     with ExitStack() as stack:
-        broker = stack.enter_context(RedisServer(appendonly=True))
-        store = stack.enter_context(RedisServer(appendonly=True)) if separate_store else broker
+        node: Broker
+        if broker == "rabbitmq":
+            from tests.rabbitmq import RabbitMQNode
+
+            if rabbitmq is None:
+                rabbitmq = stack.enter_context(RabbitMQNode())
+            elif rabbitmq.process is None:
+                rabbitmq.start()  # a scenario before this one left it stopped
+            rabbitmq.delete_queues("cio", "cio.fallback")
+            node = rabbitmq
+            store = stack.enter_context(RedisServer(appendonly=True))
+            broker_url = rabbitmq.url
+        else:
+            redis_broker = stack.enter_context(RedisServer(appendonly=True))
+            store = stack.enter_context(RedisServer(appendonly=True)) if separate_store else redis_broker
+            node = redis_broker
+            broker_url = f"{redis_broker.url}/0"
         fake = stack.enter_context(FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak"))
-        broker_url = f"{broker.url}/0"
         store_url = f"{store.url}/1"
         full_env = worker_env(fake, broker_url, store_url, **{**CHAOS_ENV, **env})
         producer = Celery("chaos-producer", broker=broker_url, set_as_current=False)
@@ -141,15 +176,22 @@ def chaos_cluster(
         spool_dir = str(tmp / "spool") if tmp is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="cio-chaos-spool-"))
         conf["cio_spool_dir"] = spool_dir
-        producer.conf.update(
-            conf,
-            broker_transport_options={"visibility_timeout": float(full_env["CIO_TEST_VISIBILITY"])},
-            broker_connection_retry_on_startup=True,
-        )
+        if broker == "rabbitmq":
+            # The app's side of the recommendation: publisher confirms, persistent messages, and
+            # countdowns bounded by the test's short "visibility timeout" (at most 1 s).
+            producer.conf.update(recommended_celery_config(
+                visibility_timeout=float(full_env["CIO_TEST_VISIBILITY"]), transport=broker_url), **conf)
+        else:
+            producer.conf.update(
+                conf,
+                broker_transport_options={"visibility_timeout": float(full_env["CIO_TEST_VISIBILITY"])},
+                broker_connection_retry_on_startup=True,
+            )
         import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
 
         producer.finalize(auto=True)
-        cluster = Cluster(fake, broker, store, broker_url, store_url, full_env, producer)
+        cluster = Cluster(fake, node, store, broker_url, store_url, full_env, producer,
+                          kind="rabbitmq" if broker == "rabbitmq" else "redis")
         try:
             for i in range(workers):
                 cluster.start_worker(f"chaos{i}", concurrency)

@@ -68,6 +68,16 @@ class WorkerProcess:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
         return [int(p) for p in out.stdout.split()]
 
+    def kill_child(self) -> int | None:
+        """SIGKILL one pool process (the OOM killer's usual victim); the worker replaces it. Its pid."""
+        for pid in self.child_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            except ProcessLookupError:
+                continue
+        return None
+
     def kill(self) -> None:
         """SIGKILL the worker and its pool processes at once, as the OOM killer or a node loss would."""
         if self.proc is None:
