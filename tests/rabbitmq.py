@@ -283,14 +283,17 @@ class RabbitMQNode:
         conn.connect()
         return conn
 
-    def delete_queues(self, *names: str) -> None:
-        """Delete queues (a scenario's leftovers); missing ones are fine."""
+    def delete_queues(self, *names: str, exchanges: bool = False) -> None:
+        """Delete queues (a scenario's leftovers), and with ``exchanges`` the exchanges of the same
+        names (Celery's per-queue exchanges: another test may declare them of another type)."""
         conn = self.connection()
         try:
             for name in names:
                 channel = conn.channel()
                 try:
                     channel.queue_delete(name)
+                    if exchanges:
+                        channel.exchange_delete(name)
                 finally:
                     if channel.is_open:
                         channel.close()

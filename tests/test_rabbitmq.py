@@ -110,6 +110,7 @@ def test_every_operation_is_delivered_through_rabbitmq_and_the_worker_reports_no
 def test_a_worker_without_publisher_confirms_names_the_setting_at_start(
     rabbitmq: RabbitMQNode, store: RedisServer, fake: FakeCustomerIO, tmp_path: Any,
 ) -> None:
+    rabbitmq.delete_queues("cio", "cio.fallback")
     env = worker_env(fake, rabbitmq.url, f"{store.url}/0", CIO_TEST_NO_CONFIRMS="1")
     worker = WorkerProcess(env, concurrency=1, name="rabbitmq-noconfirm", log_dir=tmp_path).start(rabbitmq.url)
     try:
@@ -123,6 +124,42 @@ def test_a_worker_without_publisher_confirms_names_the_setting_at_start(
     assert len(lines) == 1, lines
     assert "broker_transport_options.confirm_publish: is off" in lines[0] and "(error)" in lines[0]
     assert "visibility_timeout" not in lines[0] and "appendonly" not in lines[0]
+
+
+def test_quorum_queues_on_topic_exchanges_deliver_retries_through_native_delayed_delivery(
+    rabbitmq: RabbitMQNode, store: RedisServer, fake: FakeCustomerIO, tmp_path: Any,
+) -> None:
+    """docs/rabbitmq.md's quorum setup: no global QoS, countdowns in RabbitMQ's delay queues."""
+    if not hasattr(Celery().conf, "task_create_missing_queue_exchange_type"):
+        pytest.skip("Celery without task_create_missing_queue_exchange_type (5.6+)")
+    rabbitmq.delete_queues("cio", "cio.fallback", exchanges=True)  # the other tests' are direct
+    env = worker_env(fake, rabbitmq.url, f"{store.url}/0", CIO_TEST_QUORUM="1", CIO_RATE_LIMIT_TRACK="0",
+                     CIO_RETRY_BACKOFF_BASE="2", CIO_RETRY_BACKOFF_MAX="3")
+    worker = WorkerProcess(env, concurrency=1, name="rabbitmq-quorum", log_dir=tmp_path).start(rabbitmq.url)
+    try:
+        app = producer_for(rabbitmq.url, env, tmp_path, task_create_missing_queue_type="quorum",
+                           task_create_missing_queue_exchange_type="topic")
+        assert check_configuration(app) == []
+        fake.fail_next(status=500, count=2)
+        app.tasks["cio_celery.identify"].delay("user-1", plan="pro")
+        fake.wait_for_applied(1, timeout=60)
+        time.sleep(0.5)
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    assert [r.status for r in fake.requests] == [500, 500, 200]
+    assert "Global QoS is disabled" in log
+    assert "cio_celery configuration" not in log, configuration_lines(worker)
+    # The queue is a quorum queue (a classic declaration is refused), and Celery's delay queues exist.
+    conn = rabbitmq.connection()
+    try:
+        with pytest.raises(amqp.exceptions.PreconditionFailed, match="x-queue-type"):
+            conn.channel().queue_declare("cio", durable=True, auto_delete=False)
+        for level in (0, 27):
+            conn.channel().queue_declare(f"celery_delayed_{level}", passive=True)  # NotFound if missing
+    finally:
+        conn.close()
+    rabbitmq.delete_queues("cio", "cio.fallback", exchanges=True)
 
 
 def test_a_countdown_held_past_consumer_timeout_stops_the_worker_and_is_applied_once_after(

@@ -27,4 +27,6 @@ if not RABBITMQ:
 config["worker_prefetch_multiplier"] = int(os.environ.get("CIO_TEST_PREFETCH", "1"))
 if os.environ.get("CIO_TEST_NO_CONFIRMS") == "1":  # tests/test_rabbitmq.py: the start-up check names it
     config["broker_transport_options"].pop("confirm_publish", None)
+if os.environ.get("CIO_TEST_QUORUM") == "1":  # docs/rabbitmq.md's quorum queues on topic exchanges
+    config.update(task_create_missing_queue_type="quorum", task_create_missing_queue_exchange_type="topic")
 app.conf.update(config, worker_send_task_events=os.environ.get("CIO_TEST_EVENTS") == "1")
