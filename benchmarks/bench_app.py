@@ -34,3 +34,17 @@ def _sdk() -> customerio.CustomerIO:
 @app.task(name="bench.bare_track", acks_late=True, ignore_result=True)
 def bare_track(customer_id: str, name: str, data: dict[str, Any] | None = None) -> None:
     _sdk().track(customer_id, name, data or {})
+
+
+_counter: Any = None
+
+
+@app.task(name="bench.noop", acks_late=True, ignore_result=True)
+def noop(seq: int) -> None:
+    """The ceiling of any design sending one Celery message per operation: one Redis write."""
+    global _counter
+    if _counter is None:
+        import redis
+
+        _counter = redis.Redis.from_url(os.environ.get("CIO_REDIS_URL") or os.environ["CELERY_BROKER_URL"])
+    _counter.incr("bench:noop")

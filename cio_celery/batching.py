@@ -171,6 +171,23 @@ def pack(entries: list[dict[str, Any]], max_bytes: int = BATCH_MAX_BYTES, max_it
     return Packed(batches, singles)
 
 
+def pack_raw(entries: list[tuple[dict[str, Any], int]], max_bytes: int = BATCH_MAX_BYTES,
+             max_items: int = 1000) -> Packed:
+    """Group batchable entries, in order, by their stored size (an upper bound of their v2 form)."""
+    batches: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = _FRAMING
+    for entry, n in entries:
+        if current and (size + n + 1 > max_bytes or len(current) >= max_items):
+            batches.append(current)
+            current, size = [], _FRAMING
+        current.append(entry)
+        size += n + 1
+    if current:
+        batches.append(current)
+    return Packed(batches, [])
+
+
 class BatchTask(Task):  # type: ignore[misc]
     """The batch delivery task: late acks, requeued when its worker dies or hits the time limit."""
 

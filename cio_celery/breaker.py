@@ -87,6 +87,12 @@ end
 
 # KEYS: state, permits, window. ARGV: token, lease, clock override, permits allowed.
 _ACQUIRE = _NOW + _SANE + """
+-- The common case first: a closed breaker whose fields read well allows at once.
+local fast = redis.pcall('HMGET', KEYS[1], 'st', 'gen')
+if type(fast) == 'table' and not fast.err and (fast[1] == false or fast[1] == '0')
+    and (fast[2] == false or tonumber(fast[2])) then
+  return {'allow', tostring(tonumber(fast[2] or '0')), '0', ''}
+end
 local now = now_t(ARGV[3])
 local h = KEYS[1]
 if fix_state(KEYS[1], KEYS[2], KEYS[3]) then

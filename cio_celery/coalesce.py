@@ -89,9 +89,10 @@ end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local arrived = tonumber(redis.call('HGET', ck[3], tostring(sec - 1)) or '0') or 0
-redis.call('HINCRBY', ck[3], tostring(sec), 1)
-redis.call('HDEL', ck[3], tostring(sec - 2))
-redis.call('EXPIRE', ck[3], 5)
+if redis.call('HINCRBY', ck[3], tostring(sec), 1) == 1 then
+  redis.call('HDEL', ck[3], tostring(sec - 2))
+  redis.call('EXPIRE', ck[3], 5)
+end
 local buffered = redis.call('LLEN', ck[1]) > 0
 local slot = false
 local go = buffered or ca[5] == '1' or arrived > tonumber(ca[3])

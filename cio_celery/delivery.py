@@ -51,6 +51,8 @@ REQUEUE_PAUSE = 1.0
 
 def log(level: int, event: str, task: Any, outcome: str, **extra: Any) -> None:
     """One structured log line; never ids, emails or attribute values."""
+    if not logger.isEnabledFor(level):
+        return
     fields = {
         "cio_event": event,
         "cio_operation": getattr(task, "operation", "?"),

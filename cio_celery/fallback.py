@@ -130,9 +130,16 @@ class Fallback:
                 else:
                     entries.append((i, entry))
             if batch:
-                from .batching import BATCH_TASK, pack
+                from .batching import BATCH_TASK, pack, pack_raw
 
-                packed = pack([e for _i, e in entries], max_items=self.settings.batch_max_operations)
+                if self.buffer == "coalesce":
+                    # Only batchable operations enter this buffer: group them by their stored size
+                    # (an upper bound of their v2 form) without converting them here; the batch
+                    # task converts each once, and sends alone the few that cannot join.
+                    packed = pack_raw([(e, len(raws[i])) for i, e in entries],
+                                      max_items=self.settings.batch_max_operations)
+                else:
+                    packed = pack([e for _i, e in entries], max_items=self.settings.batch_max_operations)
                 index_of = {id(e): i for i, e in entries}
                 for group in packed.batches:
                     with internal_publish():

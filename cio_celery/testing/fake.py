@@ -286,6 +286,10 @@ class FakeCustomerIO:
         self._outage: _Fault | None = None
         self._outage_until: float | None = None
         self._batch_item_predicate: BatchItemPredicate | None = None
+        # Customer.io's rate limit: api -> (requests per window, window s, Retry-After s), and
+        # the times of the requests it let through, per api.
+        self._rate_limits: dict[str, tuple[int, float, float]] = {}
+        self._rate_seen: dict[str, deque[float]] = {}
 
         self._lifecycle = threading.Lock()
         self._server: _Server | None = None
@@ -563,9 +567,39 @@ class FakeCustomerIO:
         with self._lock:
             self._batch_item_predicate = predicate
 
-    def clear_faults(self) -> None:
-        """Remove every injected fault: scripted queue, latency, failure rate, outage, batch predicate."""
+    def set_rate_limit(self, requests: int | None, window: float = 1.0, api: str = "track",
+                       retry_after: float = 1.0) -> None:
+        """Answer 429 (with Retry-After) to requests of ``api`` ("track" or "app") beyond ``requests``
+        in any sliding ``window`` seconds, as Customer.io limits a workspace; None lifts it."""
         with self._lock:
+            if requests is None:
+                self._rate_limits.pop(api, None)
+                self._rate_seen.pop(api, None)
+            else:
+                _check_count(requests)
+                self._rate_limits[api] = (int(requests), float(window), float(retry_after))
+                self._rate_seen[api] = deque()
+
+    def _throttled_locked(self, api: str) -> _Fault | None:
+        limit = self._rate_limits.get(api)
+        if limit is None:
+            return None
+        requests, window, retry_after = limit
+        seen = self._rate_seen[api]
+        now = time.monotonic()
+        while seen and seen[0] <= now - window:
+            seen.popleft()
+        if len(seen) >= requests:
+            return _Fault("rate_limited", "fail", status=429, retry_after=retry_after, message="rate limited")
+        seen.append(now)
+        return None
+
+    def clear_faults(self) -> None:
+        """Remove every injected fault: scripted queue, latency, failure rate, outage, batch
+        predicate, rate limits."""
+        with self._lock:
+            self._rate_limits.clear()
+            self._rate_seen.clear()
             self._scripted.clear()
             self._latency = 0.0
             self._failure_rate = 0.0
@@ -668,6 +702,8 @@ class FakeCustomerIO:
             latency = self._latency
             predicate = self._batch_item_predicate
             fault = self._next_fault_locked() if authorized else None
+            if fault is None and authorized:
+                fault = self._throttled_locked(route.api)
 
         delay = latency
         answer: int | None

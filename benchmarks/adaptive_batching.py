@@ -1,0 +1,379 @@
+"""Adaptive batching past Customer.io's per-request limit, measured as ratios in one run.
+
+    python benchmarks/adaptive_batching.py [--seconds 12] [--concurrency 4]
+
+Everything runs on 127.0.0.1: a broker ``redis-server``, a store ``redis-server``, the fake
+Customer.io (30 ms per request, and like Customer.io it answers 429 past 100 requests in any
+1 s), and one ``celery worker`` with ``--concurrency`` processes (the recommended
+configuration, the package's rate limit at 100/s). Scenarios:
+
+* **saturation**: one process enqueues as fast as it can for ``--seconds``; delivered
+  operations per second (applied by the fake, after a 3 s warm-up) for ``track`` and
+  ``identify``, through the adaptive path (default settings) and the single path
+  (``CIO_BATCH_COALESCE=0``: one request per operation), and a no-op Celery task (one Redis
+  write) fed the same way: the ceiling of any design that sends one Celery message per
+  operation. Also operations per request and 429s.
+* **light load**: 40 ``track`` per second for ``--seconds``; enqueue-to-applied latency, adaptive
+  against single.
+* **mixed load**: 20 ``send_email`` per second while ``track`` saturates; the sends'
+  latency with adaptive batching, with the single path, and alone.
+* **no rate limit, instant fake**: ``cio_celery.track`` with the single path against a bare
+  SDK task (``bench.bare_track``), with the store on its own Redis and on the broker's Redis:
+  3,000 queued first, throughput as the fake saw it.
+
+Figures go to stdout and to ``benchmarks/results/adaptive_batching.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cio_celery.testing import FakeCustomerIO  # noqa: E402
+from cio_celery.testing.redis_server import RedisServer  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "adaptive_batching.json"
+QUEUES = "cio,cio.fallback,bare,noop"
+
+
+def worker_env(fake: FakeCustomerIO, broker: str, store: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CELERY_BROKER_URL": broker, "CIO_REDIS_URL": store,
+           "CIO_SITE_ID": fake.site_id, "CIO_TRACK_API_KEY": fake.track_api_key,
+           "CIO_APP_API_KEY": fake.app_api_key, "CIO_TRACK_URL": fake.url, "CIO_APP_URL": fake.url,
+           "CIO_TIMEOUT": "5", "CIO_RATE_LIMIT_TRACK": "100", "CIO_RATE_LIMIT_TRANSACTIONAL": "100"}
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], concurrency: int, log: Path) -> subprocess.Popen[bytes]:
+    fh = open(log, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-P", "prefork",
+         "-c", str(concurrency), "-Q", QUEUES, "-n", "bench@%h", "--loglevel", "WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        env=env, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
+    )
+    time.sleep(4.0)  # started and consuming before the clock runs
+    if proc.poll() is not None:
+        raise RuntimeError(f"worker exited; see {log}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def producer_app(broker: str, store: str, spool: str, **conf: Any) -> Any:
+    from celery import Celery
+
+    import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
+
+    app = Celery("bench-producer", broker=broker, set_as_current=False)
+    app.conf.update(cio_redis_url=store, cio_spool_dir=spool, broker_connection_retry_on_startup=True,
+                    cio_rate_limit_track=100, **conf)
+
+    @app.task(name="bench.noop", ignore_result=True)
+    def noop(seq: int) -> None:  # the name only: the workers run bench_app's
+        return None
+
+    @app.task(name="bench.bare_track", ignore_result=True)
+    def bare_track(customer_id: str, name: str, data: dict[str, Any] | None = None) -> None:
+        return None
+
+    app.finalize(auto=True)
+    return app
+
+
+def flood(broker: str, store: str, spool: str, what: str, seconds: float, sent: Any) -> None:
+    """Enqueue as fast as one process can for ``seconds`` (run in a child process)."""
+    app = producer_app(broker, store, spool)
+    deadline = time.monotonic() + seconds
+    i = 0
+    if what == "noop":
+        task = app.tasks["bench.noop"]
+        while time.monotonic() < deadline:
+            task.apply_async((i,), queue="noop")
+            i += 1
+    elif what == "identify":
+        task = app.tasks["cio_celery.identify"]
+        while time.monotonic() < deadline:
+            task.delay(f"user-{i % 5000}", seq=i, plan="pro")
+            i += 1
+    else:
+        task = app.tasks["cio_celery.track"]
+        while time.monotonic() < deadline:
+            task.delay(f"user-{i % 5000}", "purchased", {"seq": i, "plan": "pro"})
+            i += 1
+    sent.value = i
+
+
+def _redis_cpu(url: str) -> float:
+    info = redis.Redis.from_url(url).info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _calls(url: str) -> dict[str, int]:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if int(v["calls"]) >= 10}
+
+
+def applied_rate(fake: FakeCustomerIO, t0: float, t1: float) -> float:
+    return sum(1 for a in fake.applied if t0 <= a.applied_at < t1) / (t1 - t0)
+
+
+def saturation(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flush: Any, what: str,
+               variant: str, spool: str, log: Path) -> dict[str, Any]:
+    flush()
+    fake.clear()
+    fake.clear_faults()
+    fake.set_latency(0.03)
+    fake.set_rate_limit(100, 1.0)
+    extra = {"CIO_BATCH_COALESCE": "0"} if variant == "single" else {}
+    worker = start_worker(worker_env(fake, broker_url, store_url, **extra), args.concurrency, log)
+    counter = redis.Redis.from_url(store_url)
+    counter.config_resetstat()
+    cpu0 = _redis_cpu(store_url), _redis_cpu(broker_url)
+    try:
+        sent = multiprocessing.Value("l", 0)
+        child = multiprocessing.get_context("fork").Process(
+            target=flood, args=(broker_url, store_url, spool, "noop" if variant == "noop" else what,
+                                args.seconds, sent))
+        t_start = time.monotonic()
+        child.start()
+        time.sleep(3.0)
+        t0 = time.monotonic()
+        n0 = int(counter.get("bench:noop") or 0)
+        requests0 = len(fake.requests)
+        admits: list[int] = []
+        store_client = redis.Redis.from_url(store_url)
+        while time.monotonic() < t0 + max(1.0, args.seconds - 3.0):
+            time.sleep(1.0)
+            sec = int(store_client.time()[0]) - 1
+            admits.append(int(store_client.hget("{cio}:coalesce:arrivals", str(sec)) or 0))
+        t1 = time.monotonic()
+        n1 = int(counter.get("bench:noop") or 0)
+        requests1 = [r for r in fake.requests[requests0:] if r.received_at < t1]
+        child.join(60)
+    finally:
+        stop(worker)
+    cpu1 = _redis_cpu(store_url), _redis_cpu(broker_url)
+    out: dict[str, Any] = {"enqueued": sent.value, "enqueue_per_second": round(sent.value / args.seconds, 1),
+                           "store_redis_cpu_seconds": round(cpu1[0] - cpu0[0], 2),
+                           "broker_redis_cpu_seconds": round(cpu1[1] - cpu0[1], 2),
+                           "store_command_calls": _calls(store_url)}
+    if variant == "noop":
+        out["delivered_per_second"] = round((n1 - n0) / (t1 - t0), 1)
+        return out
+    rate = applied_rate(fake, t0, t1)
+    ok = [r for r in requests1 if r.status == 200]
+    out.update({
+        "delivered_per_second": round(rate, 1),
+        "requests_per_second": round(len(requests1) / (t1 - t0), 1),
+        "operations_per_request": round(rate * (t1 - t0) / max(1, len(ok)), 1),
+        "batch_requests": sum(1 for r in ok if r.operation == "batch"),
+        "single_requests": sum(1 for r in ok if r.operation != "batch"),
+        "http_429": sum(1 for r in requests1 if r.status == 429),
+        "seconds_from_start": round(t1 - t_start, 1),
+        "admissions_per_second": admits,
+        "queue_backlog_at_end": int(redis.Redis.from_url(broker_url).llen("cio")),
+    })
+    return out
+
+
+def latencies(fake: FakeCustomerIO, sent_at: dict[int, float], key: str = "seq") -> list[float]:
+    out = []
+    for a in fake.applied:
+        body = a.json or {}
+        seq = (body.get("data") or body.get("attributes") or body.get("message_data") or {}).get(key)
+        if isinstance(seq, int) and seq in sent_at:
+            out.append(a.applied_at - sent_at[seq])
+    return sorted(out)
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1) if values else float("nan")
+
+
+def light(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flush: Any, variant: str,
+          spool: str, log: Path) -> dict[str, Any]:
+    flush()
+    fake.clear()
+    fake.clear_faults()
+    fake.set_latency(0.03)
+    fake.set_rate_limit(100, 1.0)
+    extra = {"CIO_BATCH_COALESCE": "0"} if variant == "single" else {}
+    worker = start_worker(worker_env(fake, broker_url, store_url, **extra), args.concurrency, log)
+    app = producer_app(broker_url, store_url, spool)
+    track = app.tasks["cio_celery.track"]
+    sent_at: dict[int, float] = {}
+    try:
+        n = int(40 * args.seconds)
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i / 40 - time.monotonic()))
+            sent_at[i] = time.monotonic()
+            track.delay(f"user-{i}", "light", {"seq": i})
+        deadline = time.monotonic() + 30
+        while len(fake.applied) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop(worker)
+    lat = latencies(fake, sent_at)
+    return {"operations": len(sent_at), "applied": len(lat), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+            "batch_requests": sum(1 for r in fake.requests if r.operation == "batch")}
+
+
+def mixed(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flush: Any, variant: str,
+          spool: str, log: Path) -> dict[str, Any]:
+    flush()
+    fake.clear()
+    fake.clear_faults()
+    fake.set_latency(0.03)
+    fake.set_rate_limit(100, 1.0)
+    extra = {"CIO_BATCH_COALESCE": "0"} if variant == "single" else {}
+    worker = start_worker(worker_env(fake, broker_url, store_url, **extra), args.concurrency, log)
+    app = producer_app(broker_url, store_url, spool)
+    send = app.tasks["cio_celery.send_email"]
+    sent_at: dict[int, float] = {}
+    child = None
+    try:
+        if variant != "alone":
+            sent = multiprocessing.Value("l", 0)
+            child = multiprocessing.get_context("fork").Process(
+                target=flood, args=(broker_url, store_url, spool, "track", args.seconds + 2, sent))
+            child.start()
+            time.sleep(2.0)
+        n = int(20 * args.seconds)
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i / 20 - time.monotonic()))
+            sent_at[i] = time.monotonic()
+            send.delay({"transactional_message_id": 1, "identifiers": {"id": f"user-{i}"}, "message_data": {"seq": i}})
+        deadline = time.monotonic() + 30
+        while len([a for a in fake.applied if a.operation == "send_email"]) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if child is not None:
+            child.join(60)
+        stop(worker)
+    lat = sorted(a.applied_at - sent_at[(a.json.get("message_data") or {}).get("seq")]
+                 for a in fake.applied if a.operation == "send_email"
+                 and (a.json.get("message_data") or {}).get("seq") in sent_at)
+    return {"sends": len(sent_at), "applied": len(lat), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
+
+
+def unlimited(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flush: Any, variant: str,
+              spool: str, log: Path) -> dict[str, Any]:
+    flush()
+    fake.clear()
+    fake.clear_faults()
+    n = args.unlimited_n
+    app = producer_app(broker_url, store_url, spool, cio_rate_limit_track=0)
+    for i in range(n):
+        if variant == "bare":
+            app.tasks["bench.bare_track"].apply_async((f"user-{i % 500}", "purchased", {"seq": i}), queue="bare")
+        else:
+            app.tasks["cio_celery.track"].delay(f"user-{i % 500}", "purchased", {"seq": i})
+    worker = start_worker(worker_env(fake, broker_url, store_url, CIO_RATE_LIMIT_TRACK="0"), args.concurrency, log)
+    try:
+        deadline = time.monotonic() + 300
+        while len(fake.applied) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop(worker)
+    times = sorted(r.received_at for r in fake.requests)
+    return {"operations": n, "delivered_per_second": round((len(times) - 1) / (times[-1] - times[0]), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--unlimited-n", type=int, default=3000)
+    parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    results: dict[str, Any] = {}
+    with RedisServer() as broker, RedisServer() as store_server, tempfile.TemporaryDirectory() as tmp, \
+            FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak") as fake:
+        broker_url, store_url = f"{broker.url}/0", f"{store_server.url}/0"
+        shared_store = f"{broker.url}/1"
+        log = Path(tmp) / "worker.log"
+
+        def flush() -> None:
+            for url in (broker_url, store_url, shared_store):
+                redis.Redis.from_url(url).flushdb()
+
+        def want(name: str) -> bool:
+            return not only or name in only
+
+        for what in ("track", "identify"):
+            for variant in ("adaptive", "single"):
+                name = f"saturation_{what}_{variant}"
+                if want(name):
+                    results[name] = saturation(args, fake, broker_url, store_url, flush, what, variant, tmp, log)
+                    print(name, results[name], flush=True)
+        if want("saturation_noop"):
+            results["saturation_noop"] = saturation(args, fake, broker_url, store_url, flush, "noop", "noop", tmp,
+                                                    log)
+            print("saturation_noop", results["saturation_noop"], flush=True)
+        for variant in ("adaptive", "single"):
+            if want(f"light_{variant}"):
+                results[f"light_{variant}"] = light(args, fake, broker_url, store_url, flush, variant, tmp, log)
+                print(f"light_{variant}", results[f"light_{variant}"], flush=True)
+        for variant in ("adaptive", "single", "alone"):
+            if want(f"mixed_{variant}"):
+                results[f"mixed_{variant}"] = mixed(args, fake, broker_url, store_url, flush, variant, tmp, log)
+                print(f"mixed_{variant}", results[f"mixed_{variant}"], flush=True)
+        for store_name, url in (("own_redis", store_url), ("broker_redis", shared_store)):
+            for variant in ("cio", "bare"):
+                name = f"unlimited_{variant}_store_{store_name}"
+                if want(name):
+                    results[name] = unlimited(args, fake, broker_url, url, flush, variant, tmp, log)
+                    print(name, results[name], flush=True)
+    ratios: dict[str, float] = {}
+
+    def ratio(name: str, a: str, b: str, field: str = "delivered_per_second") -> None:
+        if a in results and b in results and results[b].get(field):
+            ratios[name] = round(results[a][field] / results[b][field], 3)
+
+    for what in ("track", "identify"):
+        ratio(f"{what}_adaptive_over_single", f"saturation_{what}_adaptive", f"saturation_{what}_single")
+        ratio(f"{what}_adaptive_over_noop", f"saturation_{what}_adaptive", "saturation_noop")
+    ratio("light_p99_adaptive_over_single", "light_adaptive", "light_single", "p99_ms")
+    ratio("mixed_send_p99_adaptive_over_alone", "mixed_adaptive", "mixed_alone", "p99_ms")
+    ratio("mixed_send_p99_single_over_alone", "mixed_single", "mixed_alone", "p99_ms")
+    for store_name in ("own_redis", "broker_redis"):
+        ratio(f"unlimited_cio_over_bare_store_{store_name}", f"unlimited_cio_store_{store_name}",
+              f"unlimited_bare_store_{store_name}")
+    summary = {"benchmark": "adaptive_batching", "seconds": args.seconds, "concurrency": args.concurrency,
+               "ratios": ratios, "results": results, "python": platform.python_version(),
+               "celery": metadata.version("celery"), "cpus": os.cpu_count()}
+    print(json.dumps(ratios, indent=2))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not only:
+        RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
