@@ -31,7 +31,7 @@ from celery.exceptions import Reject, Retry
 
 from . import policy
 from .client import clients_for
-from .deadletters import DeadLetters
+from .deadletters import DeadLetters, is_full_error
 from .delivery import REQUEUE_PAUSE, Ending, send_event
 from .exceptions import TransientError, ValidationError
 from .fallback import Fallback, read_entry
@@ -420,6 +420,7 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
             writes.append(combine([add, *(guard.dead_mark_calls(pos) if pos is not None else [])]))
         if writes:
             run_pipelined(settings, writes)
+            guard.dead_marked([p for i, _o in dead if (p := plan.position.get(i)) is not None])
         fallback = Fallback(settings, task.app)
         parked = [plan.items[i].with_meta(plan.items[i].meta.changed(slot=0))
                   for i, o in enumerate(plan.outcomes) if isinstance(o, Park)]
@@ -456,6 +457,18 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
             raise RuntimeError("batch items left without an outcome")
         return Ending(result=counts)
     except Exception as exc:  # noqa: BLE001 - an action failed: the broker keeps the whole batch
+        if is_full_error(exc):
+            # Dead letters or the fallback are full: the whole batch again in a minute (what
+            # was delivered meanwhile comes back as suppressed duplicates).
+            try:
+                task.retry(countdown=min(policy.FULL_WAIT, settings.max_countdown),
+                           exc=TransientError("batch", "store_full"))
+            except Retry as published:
+                logger.warning("cio_celery batch waits: a capped store is full",
+                               extra={"cio_event": "store_full"})
+                return Ending(error=published)
+            except Exception:  # noqa: BLE001, S110 - not published: requeued below
+                pass
         logger.error("cio_celery batch requeued (%s failed)", type(exc).__name__,
                      extra={"cio_event": "batch_requeued", "cio_error": type(exc).__name__})
         time.sleep(REQUEUE_PAUSE)

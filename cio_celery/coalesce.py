@@ -46,6 +46,9 @@ __all__ = ["Coalescer", "admit_call", "coalescing"]
 
 logger = logging.getLogger("cio_celery.coalesce")
 
+# Most operations the buffer holds; past it they go alone (a drainer is missing or far behind).
+COALESCE_MAX = 100_000
+
 # A breaker turned off still answers "allow" to the admission script.
 _ALLOW = "return {'allow', '0', '0', ''}"
 
@@ -79,7 +82,7 @@ for i = 1, 4 do
 end
 -- coalesce part: KEYS buffer, since, arrivals, ledger entries, ledger due;
 -- ARGV entry, task id, single requests per second, ledger on (1/0), behind (1/0: the message
--- waited in its queue longer than the linger).
+-- waited in its queue longer than the linger), the buffer's cap.
 local ck, ca = g[4][1], g[4][2]
 local permit = s_acquire(g[2][1], g[2][2])
 if permit[1] == 'reject' then return {{false, permit, false, false}} end
@@ -93,14 +96,16 @@ if redis.call('HINCRBY', ck[3], tostring(sec), 1) == 1 then
   redis.call('HDEL', ck[3], tostring(sec - 2))
   redis.call('EXPIRE', ck[3], 5)
 end
-local buffered = redis.call('LLEN', ck[1]) > 0
+local depth = redis.call('LLEN', ck[1])
+local buffered = depth > 0
 local slot = false
 local go = buffered or ca[5] == '1' or arrived > tonumber(ca[3])
 if not go then
   slot = s_slot(g[3][1], g[3][2])
   go = slot[1] == 0
 end
-if go then
+-- A buffer that nobody drains (no worker with the drainer) stops growing: alone, as before.
+if go and depth < tonumber(ca[6]) then
   if redis.call('RPUSH', ck[1], ca[1]) == 1 then
     redis.call('SET', ck[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
   end
@@ -110,6 +115,7 @@ if go then
   end
   return {{false, permit, slot, 'coalesced'}}
 end
+if not slot then slot = s_slot(g[3][1], g[3][2]) end
 return {{s_claim(g[1][1], g[1][2]), permit, slot, false}}
 """
 
@@ -126,7 +132,8 @@ def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None
     ledger = ledger_keys or [key(settings, "ledger"), key(settings, "ledger", "due")]
     extra = ScriptCall("", [key(settings, "coalesce"), key(settings, "coalesce", "since"),
                             key(settings, "coalesce", "arrivals"), *ledger],
-                       [entry, task_id, repr(single_rate), "1" if ledger_keys else "0", "1" if behind else "0"])
+                       [entry, task_id, repr(single_rate), "1" if ledger_keys else "0", "1" if behind else "0",
+                        COALESCE_MAX])
     parts = (claim, acq, slot, extra)
     keys: list[str] = []
     args: list[Any] = []

@@ -19,29 +19,53 @@ from .quarantine import Quarantine
 from .settings import Settings
 from .store import ScriptCall, key, redis_for, run_script
 
-__all__ = ["DeadLetter", "DeadLetters"]
+__all__ = ["DeadLetter", "DeadLetters", "is_full_error"]
 
+# KEYS: items, index, bytes. ARGV: id, entry JSON, retention s, max count, max bytes.
+# Entries past their retention go first; then a new entry that would pass either cap is
+# refused with a DLQFULL error (nothing written, nothing dropped: the caller keeps the
+# operation and tries later). The byte count follows every write and removal.
 _ADD = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
--- The entry is stored as the caller encoded it; its time is the index score.
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], t, ARGV[1])
+local bytes = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', t - tonumber(ARGV[3]))
 for _, id in ipairs(expired) do
+  bytes = bytes - redis.call('HSTRLEN', KEYS[1], id)
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
 end
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if over > 0 then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, over - 1)
-  for _, id in ipairs(oldest) do
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-  end
+local count = redis.call('ZCARD', KEYS[2])
+if count == 0 or bytes < 0 then bytes = 0 end
+local existing = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if existing == 0 and (count >= tonumber(ARGV[4]) or bytes + #ARGV[2] > tonumber(ARGV[5])) then
+  redis.call('SET', KEYS[3], tostring(bytes))
+  return redis.error_reply('DLQFULL dead letters are full')
 end
+-- The entry is stored as the caller encoded it; its time is the index score.
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], t, ARGV[1])
+redis.call('SET', KEYS[3], tostring(bytes + #ARGV[2] - existing))
 return t
 """
+
+# KEYS: items, index, bytes. ARGV: id.
+_DELETE = """
+local n = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if removed == 1 then
+  local left = redis.call('DECRBY', KEYS[3], n)
+  if left < 0 or redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SET', KEYS[3], '0') end
+end
+return removed
+"""
+
+
+def is_full_error(exc: BaseException) -> bool:
+    """A store answer saying a capped store (dead letters, the fallback) is full."""
+    text = str(exc)
+    return text.startswith(("DLQFULL", "FALLBACKFULL"))
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,7 @@ class DeadLetters:
         self.app = app
         self._items = key(settings, "dlq", "items")
         self._index = key(settings, "dlq", "index")
+        self._bytes = key(settings, "dlq", "bytes")
 
     @property
     def _redis(self) -> Any:
@@ -117,11 +142,12 @@ class DeadLetters:
             "args": list(args),
             "kwargs": kwargs,
         }
-        return ScriptCall(_ADD, [self._items, self._index], [
+        return ScriptCall(_ADD, [self._items, self._index, self._bytes], [
             task_id,
             json.dumps(entry, separators=(",", ":")),
             self.settings.dead_letter_retention,
             self.settings.dead_letter_max,
+            self.settings.dead_letter_max_bytes,
         ])
 
     def count(self) -> int:
@@ -142,7 +168,8 @@ class DeadLetters:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             name = id.decode(errors="replace") if isinstance(id, bytes) else id
             Quarantine(self.settings).add("dead_letter", bytes(raw), f"unreadable ({type(exc).__name__})",
-                                          source_keys=(self._items, self._index), source_id=name)
+                                          source_keys=(self._items, self._index), source_id=name,
+                                          source_bytes=self._bytes)
             return None
 
     def _iter_ids(
@@ -195,11 +222,15 @@ class DeadLetters:
         return out
 
     def delete(self, id: str) -> bool:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hdel(self._items, id)
-        pipe.zrem(self._index, id)
-        removed, _ = pipe.execute()
-        return bool(removed)
+        return bool(run_script(self.settings, _DELETE, [self._items, self._index, self._bytes], [id]))
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held now, against ``dead_letter_max`` and ``dead_letter_max_bytes``."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zcard(self._index)
+        pipe.get(self._bytes)
+        count, used = pipe.execute()
+        return int(count), int(used or 0)
 
     def purge(
         self,

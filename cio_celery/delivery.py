@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import redis
 from celery.exceptions import Reject, Retry
 
 from . import policy
 from .client import clients_for
 from .coalesce import coalescing
-from .deadletters import DeadLetters
+from .deadletters import DeadLetters, is_full_error
 from .exceptions import PermanentError, TransientError, ValidationError
 from .fallback import Fallback
 from .guard import Guard
@@ -183,6 +184,9 @@ def decide(attempt: Attempt, guard: Guard) -> Outcome:
         return Suppressed()
     if claim is not None and claim.state == "held":
         return policy.claim_held(claim.held_for, meta, s, random.random())
+    if meta.dead_reason:
+        # Decided on an earlier attempt, when dead letters had no room: never called again.
+        return DeadLetter(meta.dead_reason, meta.dead_status or None, in_doubt=True)
     if permit is not None and not permit.allowed:
         return Park(permit.retry_after)
     if claim is not None and claim.lost_attempts > s.max_retries:
@@ -256,13 +260,14 @@ def _suppressed(a: Attempt, o: Suppressed, _g: Guard) -> Ending:
 
 # The log event of a retry by its reason ("retry" for a failed call).
 _RETRY_EVENTS = {"claimed_elsewhere": "claim_held", "rate_limited": "rate_limited",
-                 "store_unavailable": "store_unavailable", "store_error": "store_error"}
+                 "store_unavailable": "store_unavailable", "store_error": "store_error",
+                 "fallback_full": "store_full", "dead_letters_full": "store_full"}
 
 
 def _retry(a: Attempt, o: RetryOutcome, _g: Guard) -> Ending:
     _count_retry(a.settings, o.reason)
     event = _RETRY_EVENTS.get(o.reason, "retry")
-    log(logging.WARNING if event in {"retry", "store_unavailable", "store_error"} else logging.INFO,
+    log(logging.WARNING if event in {"retry", "store_unavailable", "store_error", "store_full"} else logging.INFO,
         event, a.task, "retry", reason=o.reason, countdown=round(o.countdown, 3), free=o.free or None)
     exc = TransientError(a.operation, o.reason, status=o.status)
     try:
@@ -279,8 +284,13 @@ def _park(a: Attempt, o: Park, g: Guard) -> Ending:
     meta = a.meta.changed(attempts_before=a.spent, free=0, slot=0)
     entry = {"operation": a.operation, "task_id": a.task_id, "args": list(a.args), "kwargs": a.message_kwargs(meta)}
     # Parked, it is in the fallback store: its ledger entry goes in the same script.
-    depth = int(run_scripts(a.settings, [Fallback(a.settings, a.task.app).park_call([entry]),
-                                         *g.ledger_clear_calls()])[0])
+    try:
+        depth = int(run_scripts(a.settings, [Fallback(a.settings, a.task.app).park_call([entry]),
+                                             *g.ledger_clear_calls()])[0])
+    except redis.ResponseError as exc:
+        if not is_full_error(exc):
+            raise
+        return _retry(a, policy.store_full("fallback_full", a.meta, a.settings), g)
     log(logging.INFO, "parked", a.task, "parked", depth=depth, breaker_retry_after=round(o.retry_after, 3))
     send_event(a.task, "task-cio-rerouted", depth=depth)
     return Ending(result={"parked": True})
@@ -299,7 +309,14 @@ def _dead_letter(a: Attempt, o: DeadLetter, g: Guard) -> Ending:
         operation=a.operation, task_id=a.task_id, reason=o.reason, status=o.status, attempts=a.spent + 1,
         args=list(a.args), kwargs=a.message_kwargs(meta),
     )
-    run_scripts(a.settings, [add, *g.dead_mark_calls(), *g.ledger_clear_calls()])
+    try:
+        run_scripts(a.settings, [add, *g.dead_mark_calls(), *g.ledger_clear_calls()])
+    except redis.ResponseError as exc:
+        if not is_full_error(exc):
+            raise
+        # Nothing was written (the add refused first): the operation waits, its claim is released.
+        return _retry(a, policy.store_full("dead_letters_full", a.meta, a.settings, o), g)
+    g.dead_marked()
     log(logging.ERROR, "dead_lettered", a.task, "dead_letter", reason=o.reason, status=o.status)
     send_event(a.task, "task-cio-dead-lettered", reason=o.reason, status=o.status)
     # The task ends failed (Flower shows it), and the message is dropped: it is in dead letters.

@@ -33,9 +33,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
+# KEYS: list, byte count. ARGV: max bytes (0: no cap), entries. All or none: entries that would
+# pass the cap are refused with a FALLBACKFULL error (the caller keeps them and tries later).
 _PARK = """
-if #ARGV == 0 then return redis.call('LLEN', KEYS[1]) end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV))
+local max = tonumber(ARGV[1])
+local depth = redis.call('LLEN', KEYS[1])
+if #ARGV == 1 then return depth end
+local bytes = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if depth == 0 or bytes < 0 then bytes = 0 end
+local add = 0
+for i = 2, #ARGV do add = add + #ARGV[i] end
+if max > 0 and depth > 0 and bytes + add > max then
+  redis.call('SET', KEYS[2], tostring(bytes))
+  return redis.error_reply('FALLBACKFULL the fallback store is full')
+end
+redis.call('SET', KEYS[2], tostring(bytes + add))
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+"""
+
+# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
+_TRIM = """
+local n = tonumber(ARGV[1])
+if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
+local left = redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
+if left < 0 or redis.call('LLEN', KEYS[1]) == 0 then redis.call('SET', KEYS[2], '0') end
+return n
 """
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -76,10 +98,13 @@ class Fallback:
             self._list = key(settings, "coalesce")
             self._lock = key(settings, "coalesce", "drainer")
             self.queue = settings.queue
+            self.max_bytes = 0  # bounded by the admission (COALESCE_MAX entries)
         else:
             self._list = key(settings, "fallback", "ops")
             self._lock = key(settings, "fallback", "releaser")
             self.queue = settings.fallback_queue
+            self.max_bytes = settings.fallback_max_bytes
+        self._bytes = f"{self._list}:bytes"
 
     @property
     def _redis(self) -> Any:
@@ -96,7 +121,16 @@ class Fallback:
 
     def park_call(self, entries: list[dict[str, Any]]) -> ScriptCall:
         """The script appending ``entries`` (to run with others in one round trip)."""
-        return ScriptCall(_PARK, [self._list], [json.dumps(e, separators=(",", ":")) for e in entries])
+        return ScriptCall(_PARK, [self._list, self._bytes],
+                          [self.max_bytes, *(json.dumps(e, separators=(",", ":")) for e in entries)])
+
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held now (bytes against ``fallback_max_bytes``)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.llen(self._list)
+        pipe.get(self._bytes)
+        depth, used = pipe.execute()
+        return int(depth), int(used or 0)
 
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
@@ -156,7 +190,8 @@ class Fallback:
         finally:
             done = handled.index(False) if False in handled else len(handled)
             if done:
-                self._redis.ltrim(self._list, done, -1)
+                run_script(self.settings, _TRIM, [self._list, self._bytes],
+                           [done, sum(len(raw) for raw in raws[:done])])
         return done
 
     def _publish_or_dead_letter(self, entry: dict[str, Any]) -> None:

@@ -260,9 +260,12 @@ class Guard(_Base):
         redelivered copy then stops instead of calling again. Empty when no claim is ours."""
         if not self._held or self.claims is None or self._token is None or self._claim_keys is None:
             return []
-        self._held = False
         claim = self.claim or Claim("claimed", self._claim_keys, self._token)
         return [self.claims.dead_call(claim, self.task_id)]
+
+    def dead_marked(self) -> None:
+        """The dead letter and its mark were written: the held claim is settled."""
+        self._held = False
 
     def release_held(self, acted: bool) -> None:
         """Release a claim held while its outcome was acted on, once it was (not when the action
@@ -361,8 +364,11 @@ class BatchGuard(_Base):
         token = self._tokens[position] if position < len(self._tokens) else None
         if position not in self._held or self.claims is None or token is None:
             return []
-        self._held.discard(position)
         return [self.claims.dead_call(Claim("claimed", self._keys[position], token), self._task_ids[position])]
+
+    def dead_marked(self, positions: Sequence[int]) -> None:
+        """These dead letters and their marks were written: their held claims are settled."""
+        self._held -= set(positions)
 
     def settle(self) -> None:
         """Give everything back in one pipelined round trip (once)."""

@@ -63,6 +63,8 @@ class Meta:
     store_waits: int = 0  # retries because the store could not be reached (sets their backoff)
     alone: int = 0  # 1: taken out of a batch to go alone; never coalesced into one again
     slot: int = 0  # a rate-limit slot reserved on an earlier visit (unix µs)
+    dead_reason: str | None = None  # decided for dead letters, waiting for room there
+    dead_status: int = 0
     published_at: float | None = field(default=None, compare=False)  # this message's publish time
     problems: tuple[str, ...] = field(default=(), compare=False)
 
@@ -97,8 +99,13 @@ class Meta:
         if not ok:
             problems.append("_cio.slot")
         enqueued_at, at = _time(raw.get("enqueued_at")), _time(raw.get("at"))
+        dead_reason = raw.get("dead_reason")
+        if dead_reason is not None and not (_is_text(dead_reason) and len(dead_reason) <= 64):
+            problems.append("_cio.dead_reason")
+            dead_reason = None
+        dead_status, _ok = _count(raw.get("dead_status", 0))
         return cls(key=str(key), enqueued_at=enqueued_at, event_id=event_id, slot=slot, published_at=at,
-                   problems=tuple(problems), **counters)
+                   dead_reason=dead_reason, dead_status=dead_status, problems=tuple(problems), **counters)
 
     def as_dict(self) -> dict[str, Any]:
         """The form carried in a message (counters at 0 are left out)."""
@@ -107,7 +114,7 @@ class Meta:
             out["enqueued_at"] = self.enqueued_at
         if self.event_id is not None:
             out["event_id"] = self.event_id
-        for name in (*_COUNTERS, "slot"):
+        for name in (*_COUNTERS, "slot", "dead_reason", "dead_status"):
             value = getattr(self, name)
             if value:
                 out[name] = value

@@ -34,6 +34,7 @@ __all__ = [
     "retries_exhausted",
     "review_ambiguous",
     "slot_wait",
+    "store_full",
     "store_wait",
     "throttle_exhausted",
 ]
@@ -109,6 +110,19 @@ def breaker_outcome(error: DeliveryError | None) -> CallOutcome:
 
 def _free(countdown: float, reason: str, meta: Meta, status: int | None = None, **changes: int) -> Retry:
     return Retry(countdown, reason, True, meta.changed(free=meta.free + 1, slot=0, **changes), status)
+
+
+# How long an operation waits before trying a full store again (dead letters, the fallback).
+FULL_WAIT = 60.0
+
+
+def store_full(reason: str, meta: Meta, settings: Settings, dead: DeadLetter | None = None) -> Retry:
+    """A capped store (dead letters, the fallback) is full: try again in a minute, spending
+    nothing; the health report names the full store. A dead letter that found no room carries
+    its decision, so that the next attempt writes it without calling Customer.io again."""
+    if dead is not None:
+        meta = meta.changed(dead_reason=dead.reason, dead_status=dead.status or 0)
+    return _free(min(FULL_WAIT, settings.max_countdown), reason, meta)
 
 
 def claim_held(held_for: float, meta: Meta, settings: Settings, jitter: float) -> Retry:

@@ -26,14 +26,17 @@ __all__ = ["QUARANTINE_MAX", "Quarantine", "Quarantined"]
 
 QUARANTINE_MAX = 10_000
 
-# KEYS: quarantine hash, quarantine index, source hash (or ''), source index (or '').
-# ARGV: id, entry JSON, time, cap, source id (or '').
+# KEYS: quarantine hash, quarantine index, source hash, source index, source byte count.
+# ARGV: id, entry JSON, time, cap, source id ('': no source to remove it from).
 # Moves atomically: the entry is in the quarantine before it leaves its source.
 _ADD = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[5] ~= '' then
-  redis.call('HDEL', KEYS[3], ARGV[5])
+  local n = redis.call('HSTRLEN', KEYS[3], ARGV[5])
+  if redis.call('HDEL', KEYS[3], ARGV[5]) == 1 and KEYS[5] ~= KEYS[1] then
+    if redis.call('DECRBY', KEYS[5], n) < 0 then redis.call('SET', KEYS[5], '0') end
+  end
   redis.call('ZREM', KEYS[4], ARGV[5])
 end
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
@@ -74,14 +77,15 @@ class Quarantine:
         self._index = key(settings, "quarantine", "index")
 
     def add(self, source: str, raw: bytes, why: str, source_keys: tuple[str, str] | None = None,
-            source_id: str = "") -> str:
+            source_id: str = "", source_bytes: str | None = None) -> str:
         """Keep ``raw``; with ``source_keys`` (a hash and its index), remove ``source_id`` from
         them in the same script. Returns the quarantine id."""
         digest = hashlib.sha256(raw).hexdigest()[:16]
         qid = f"{source}:{source_id or digest}"
         entry = {"id": qid, "source": source, "why": why[:200], "size": len(raw),
                  "raw_b64": base64.b64encode(raw).decode("ascii")}
-        keys = [self._items, self._index, *(source_keys or (self._items, self._index))]
+        keys = [self._items, self._index, *(source_keys or (self._items, self._index)),
+                source_bytes or self._items]
         run_script(self.settings, _ADD, keys,
                    [qid, json.dumps(entry, separators=(",", ":")), repr(time.time()), QUARANTINE_MAX,
                     source_id if source_keys else ""])

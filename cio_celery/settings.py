@@ -103,7 +103,17 @@ SETTINGS: tuple[Setting, ...] = (
         "The broker's visibility timeout; read from `broker_transport_options` when unset. "
         "Every countdown stays below it.",
     ),
-    Setting("dead_letter_max", "CIO_DEAD_LETTER_MAX", int, "Most dead letters kept (oldest dropped)."),
+    Setting("dead_letter_max", "CIO_DEAD_LETTER_MAX", int,
+        "Most dead letters kept; when full, a new one waits (its message is retried every minute, "
+        "nothing dropped) until an operator replays or purges some.",
+    ),
+    Setting("dead_letter_max_bytes", "CIO_DEAD_LETTER_MAX_BYTES", int,
+        "Most bytes of dead letters (their JSON); full behaves as `dead_letter_max`.",
+    ),
+    Setting("fallback_max_bytes", "CIO_FALLBACK_MAX_BYTES", int,
+        "Most bytes of operations parked in the fallback store (their JSON); when full, an operation "
+        "that would be parked is retried every minute instead, nothing dropped.",
+    ),
     Setting("dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", float,
         "Seconds a dead letter is kept.",
     ),
@@ -259,6 +269,8 @@ class Settings:
     retry_after_max: float = 900.0
     visibility_timeout: float | None = None
     dead_letter_max: int = 100_000
+    dead_letter_max_bytes: int = 512 * 1024 * 1024
+    fallback_max_bytes: int = 1024 * 1024 * 1024
     dead_letter_retention: float = 30 * 86400.0
     breaker_enabled: bool = True
     breaker_window: float = 30.0
@@ -445,6 +457,9 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("max_retries", "must be 0 or more")
     if s.dead_letter_max < 1:
         raise ConfigurationError("dead_letter_max", "must be at least 1")
+    for name in ("dead_letter_max_bytes", "fallback_max_bytes"):
+        if getattr(s, name) < 64 * 1024:
+            raise ConfigurationError(name, "must be at least 65536 bytes")
     if s.visibility_timeout is not None and s.visibility_timeout < 2:
         raise ConfigurationError("visibility_timeout", "must be at least 2 seconds")
     for name in ("breaker_window", "breaker_open_base", "breaker_open_max", "task_time_limit",

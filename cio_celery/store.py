@@ -102,6 +102,8 @@ for i = 1, n do
   apos = apos + na
   local r = fns[i](k, a)
   if r == nil then r = false end
+  -- An error answer (redis.error_reply) stops the scripts after it and is raised.
+  if type(r) == 'table' and r.err then return r end
   out[i] = r
 end
 return out

@@ -138,13 +138,29 @@ def test_dead_letters_filters_and_purge(worker_app: Any, fake: FakeCustomerIO) -
     assert "kwargs" not in store.list()[0].summary()
 
 
-def test_dead_letters_are_bounded_by_the_size_cap(worker_app: Any, fake: FakeCustomerIO) -> None:
+def test_dead_letters_are_bounded_and_a_full_store_refuses_instead_of_dropping(
+    worker_app: Any, fake: FakeCustomerIO
+) -> None:
+    import redis as redis_lib
+
     configure(worker_app, dead_letter_max=3)
     store = dlq(worker_app)
-    for i in range(5):
+    for i in range(3):
         store.add(operation="delete", task_id=f"t{i}", reason="http_400", status=400, attempts=1,
                   args=[f"u{i}"], kwargs={})
-    assert [e.task_id for e in store.list()] == ["t2", "t3", "t4"]
+    with pytest.raises(redis_lib.ResponseError, match="DLQFULL"):
+        store.add(operation="delete", task_id="t3", reason="http_400", status=400, attempts=1,
+                  args=["u3"], kwargs={})
+    assert [e.task_id for e in store.list()] == ["t0", "t1", "t2"], "nothing old was dropped"
+    store.add(operation="delete", task_id="t1", reason="http_410", status=410, attempts=2,
+              args=["u1"], kwargs={})  # the same id again replaces its entry, full or not
+    assert store.delete("t0")
+    store.add(operation="delete", task_id="t3", reason="http_400", status=400, attempts=1, args=["u3"], kwargs={})
+    assert sorted(e.task_id for e in store.list()) == ["t1", "t2", "t3"]
+    count, used = store.usage()
+    raw = redis_lib.Redis.from_url(settings_for_app(worker_app).redis_url)
+    items = "{cio}:dlq:items"
+    assert count == 3 and used == sum(raw.hstrlen(items, i) for i in raw.hkeys(items)), "the byte count follows"
 
 
 @pytest.mark.parametrize("status", [401, 403, 404, 413])
