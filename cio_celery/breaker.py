@@ -232,10 +232,12 @@ elseif ARGV[1] == 'close' then
   if st ~= 0 then redis.call('HSET', h, 'closed_at', now) end
 else
   local trips_total = redis.call('HGET', h, 'trips_total')
+  local resets = redis.call('HGET', h, 'corrupt_resets')
   redis.call('DEL', h)
   redis.call('HSET', h, 'st', 0, 'gen', gen, 'closed_at', now)
-  -- A counter: a reset by hand keeps it (trips, the run that sets the open period, goes).
+  -- Counters: a reset by hand keeps them (trips, the run that sets the open period, goes).
   if trips_total then redis.call('HSET', h, 'trips_total', trips_total) end
+  if resets then redis.call('HSET', h, 'corrupt_resets', resets) end
 end
 return {tostring(st), tostring(new), tostring(gen)}
 """
