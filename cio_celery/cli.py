@@ -347,6 +347,15 @@ def _queues_line(queues: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def _batching_line(b: dict[str, Any] | None) -> str:
+    if not b:
+        return "?"
+    share = "-" if b["batched_share"] is None else f"{100 * b['batched_share']:.0f} %"
+    per = "-" if b["per_request"] is None else f"{b['per_request']:g}"
+    return (f"{b['batched']} delivered in {b['batch_requests']} batch requests ({per} per request), "
+            f"{b['single']} alone; {share} batched; {b['buffer']} waiting in the buffer")
+
+
 def _status_text(data: dict[str, Any]) -> str:
     suppressed = data["suppressed_duplicates"]
     sup = str(sum(suppressed.values()))
@@ -375,6 +384,7 @@ def _status_text(data: dict[str, Any]) -> str:
         f"dead letters           {show(data['dead_letters'])}",
         f"quarantine (store)     {show(data.get('quarantine'))}",
         f"ledger                 {_ledger_line(data.get('ledger'), store_read)}",
+        f"batching               {_batching_line(data.get('batching'))}",
         f"spool (this host)      {_spool_line(data)}",
         f"suppressed duplicates  {sup if store_read else '?'}",
     ]

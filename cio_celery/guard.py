@@ -31,13 +31,16 @@ from .ledger import Ledger
 from .limiter import Limiter, Slot, bucket_of
 from .policy import CallOutcome, breaker_outcome
 from .settings import Settings
-from .store import ScriptCall, run_pipelined, run_script, run_scripts
+from .store import ScriptCall, key, run_pipelined, run_script, run_scripts
 
 __all__ = ["BatchGuard", "Guard"]
 
 logger = logging.getLogger("cio_celery")
 
 T = TypeVar("T")
+
+# Operations delivered alone (Prometheus compares them with batched ones).
+_COUNT_SINGLE = "return redis.call('HINCRBY', KEYS[1], 'delivered:single', 1)"
 
 # Errors of reading a script's answer: the store holds something this version cannot read.
 _READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeDecodeError)
@@ -253,6 +256,8 @@ class Guard(_Base):
         n_claim = len(calls)
         tail, record, outcome = self._tail_calls()
         end = self.ledger_clear_calls() if self._delivered or ended else []
+        if self._delivered:
+            end.append(ScriptCall(_COUNT_SINGLE, [key(self.settings, "stats")], []))
         self._send(calls + tail + end, n_claim, record, outcome, self._delivered, pipelined=False)
 
     def dead_mark_calls(self) -> list[ScriptCall]:
@@ -302,10 +307,10 @@ class BatchGuard(_Base):
         """Claim each ``(operation, key, task id)``, ask the breaker and the limiter: one round
         trip (pipelined). Returns the claims (None when idempotency is off)."""
         calls: list[ScriptCall] = []
-        for operation, key, task_id in items:
+        for operation, idem_key, task_id in items:
             self._task_ids.append(task_id)
             if self.claims is not None:
-                call, keys, token = self.claims.claim_call(operation, key, task_id)
+                call, keys, token = self.claims.claim_call(operation, idem_key, task_id)
                 calls.append(call)
                 self._keys.append(keys)
                 self._tokens.append(token)

@@ -137,6 +137,9 @@ class HealthReport:
     spool_quarantined: int | None = None
     spool_bytes: int | None = None
     spool_max_bytes: int | None = None
+    #: Adaptive batching: ``{"buffer", "batch_requests", "batched", "single", "batched_share"}``
+    #: (operations delivered in batches and alone since the stats were last reset).
+    batching: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -169,6 +172,7 @@ class HealthReport:
             "spool_max_bytes": self.spool_max_bytes,
             "quarantine": self.quarantine,
             "ledger": self.ledger,
+            "batching": self.batching,
             "suppressed_duplicates": dict(self.suppressed_duplicates),
             "broker": self.broker,
             "queues": self.queues,
@@ -295,6 +299,7 @@ class _Builder:
         self.out.update(fallback_depth=fallback, dead_letters=dead, suppressed_duplicates=suppressed or {})
         self._quarantine(s)
         self._section("ledger", lambda: self._ledger(s))
+        self.out["batching"] = self._section("batching", lambda: batching_figures(s))
         if max_dead is not None and dead is not None and dead > max_dead:
             self.add("dead_letters_over_threshold", f"{dead} dead letters (more than {max_dead})",
                      "look at them with `celery -A proj cio dead-letters list`, then replay or purge (docs/runbook.md)")
@@ -670,3 +675,14 @@ def problems_named(report: HealthReport, names: Iterable[str]) -> list[Problem]:
     wanted = set(names)
     return [p for p in report.problems if p.name in wanted]
 
+
+def batching_figures(s: Settings) -> dict[str, Any]:
+    """Adaptive batching in one round trip: the buffer's depth and the deliveries by path."""
+    pipe = redis_for(s).pipeline(transaction=False)
+    pipe.llen(key(s, "coalesce"))
+    pipe.hmget(key(s, "stats"), ["batch:requests", "batch:delivered", "delivered:single"])
+    depth, (requests, batched, single) = pipe.execute()
+    requests, batched, single = (int(v or 0) for v in (requests, batched, single))
+    return {"buffer": int(depth), "batch_requests": requests, "batched": batched, "single": single,
+            "batched_share": round(batched / (batched + single), 3) if batched + single else None,
+            "per_request": round(batched / requests, 1) if requests else None}

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cio_celery.health import batching_figures
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
 from cio_celery.settings import settings_for_app
@@ -54,6 +55,9 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
         assert len(c.fake.requests) < n / 10
         settings = settings_for_app(c.producer)
         assert Ledger(settings).depth() == 0, "every batched operation left the ledger"
+        figures = batching_figures(settings)  # what cio status and Prometheus show
+        assert figures["batched"] == batch_items and figures["batch_requests"] == kinds["batch"]
+        assert figures["single"] == kinds["single"] and figures["buffer"] == 0
         print(f"\n{n} track past the limit: {kinds}, {batch_items} operations in batches, "
               f"{batch_items / kinds['batch']:.0f} per batch, {n / (time.monotonic() - started):.0f} ops/s, "
               f"all applied {took:.1f} s after the enqueue")

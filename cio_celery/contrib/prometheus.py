@@ -186,14 +186,18 @@ class CioCollector(Collector):  # type: ignore[misc]
                                          "Operations skipped because their idempotency key was already delivered.",
                                          labels=["operation"])
         retries = CounterMetricFamily("cio_celery_retries", "Retries scheduled, by reason.", labels=["reason"])
+        batch: dict[str, int] = {}
         for field, value in sorted(raw.items()):
             kind, _, name = bytes(field).decode().partition(":")
             if kind == "suppressed":
                 suppressed.add_metric([name], int(value))
             elif kind == "retry":
                 retries.add_metric([name], int(value))
+            elif kind in ("batch", "delivered"):
+                batch[f"{kind}:{name}"] = int(value)
         yield suppressed
         yield retries
+        yield from _batching(batch)
         yield from self._quarantine(s)
         yield from self._ledger(s)
 
@@ -245,3 +249,22 @@ def register(
     collector = CioCollector(app, settings, health=health)
     registry.register(collector)
     return collector
+
+
+def _batching(stats: dict[str, int]) -> Iterator[Metric]:
+    """Adaptive batching: requests, the operations they carried, their sizes, and the singles."""
+    from ..batching import SIZE_BUCKETS
+
+    requests = CounterMetricFamily("cio_celery_batch_requests", "/api/v2/batch requests that delivered operations.")
+    requests.add_metric([], stats.get("batch:requests", 0))
+    yield requests
+    ops = CounterMetricFamily("cio_celery_delivered", "Operations delivered, by path (batch or single).",
+                              labels=["path"])
+    ops.add_metric(["batch"], stats.get("batch:delivered", 0))
+    ops.add_metric(["single"], stats.get("delivered:single", 0))
+    yield ops
+    sizes = GaugeMetricFamily("cio_celery_batch_size_requests",
+                              "Batch requests by the operations they delivered (at most le).", labels=["le"])
+    for b in SIZE_BUCKETS:
+        sizes.add_metric([str(b)], stats.get(f"batch:size_le_{b}", 0))
+    yield sizes
