@@ -7,6 +7,7 @@ that none is left in dead letters, and reports its figures (see tests/chaos_harn
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -149,6 +150,43 @@ def test_a_worker_sigkilled_three_times_loses_nothing() -> None:
             identify_applied_twice=identify_dupes,
             requests=stats["received"],
         )
+
+
+def test_workers_sigkilled_mid_batch_three_times_lose_nothing() -> None:
+    """Adaptive batching at Customer.io's 100 requests/s (the fake enforces it with 429s): most
+    operations leave in batches; the whole worker is SIGKILLed three times while they do."""
+    n = int(os.environ.get("CIO_CHAOS_BATCH_OPS", "6000"))
+    with chaos_cluster(workers=2, concurrency=2, CIO_RATE_LIMIT_TRACK="100") as c:
+        c.fake.set_latency(0.03)
+        c.fake.set_rate_limit(100, 1.0)
+        started = time.monotonic()
+        c.enqueue_track(n)
+        victim = c.workers[0]
+        kills = 0
+        for round_ in range(3):
+            target = (round_ + 1) * n // 5
+            deadline = time.monotonic() + 120
+            while len(c.fake.applied) < target and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim.kill()
+            kills += 1
+            time.sleep(1.0)
+            victim.start(c.broker_url)
+        took = wait_all_applied(c, n, timeout=300)
+        time.sleep(1.0)
+        applied = c.applied()
+        stats = c.fake.stats
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        assert c.dead_letters().count() == 0
+        requests = c.fake.requests
+        batches = [r for r in requests if r.operation == "batch" and r.status == 200]
+        batch_items = sum(len(r.json["batch"]) for r in batches)
+        assert batch_items >= n // 2, f"most operations went in batches ({batch_items} of {n})"
+        report("sigkill_mid_batch", operations=n, kills=kills, batch_requests=len(batches),
+               operations_in_batches=batch_items, requests=stats["received"],
+               http_429=stats["by_status"].get("429", 0),
+               event_requests_dropped_as_duplicates_by_the_fake=stats["duplicates_ignored"],
+               applied_twice=0, seconds=round(time.monotonic() - started, 1), drain_seconds=round(took, 1))
 
 
 def test_redis_restart_with_aof_mid_run_loses_nothing() -> None:
