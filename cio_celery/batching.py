@@ -34,7 +34,7 @@ from .client import clients_for
 from .deadletters import DeadLetters, is_full_error
 from .delivery import REQUEUE_PAUSE, Ending, send_event
 from .exceptions import TransientError, ValidationError
-from .fallback import Fallback, read_entry
+from .fallback import Fallback, check_entry
 from .guard import BatchGuard
 from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, Meta
@@ -273,8 +273,8 @@ def read_items(entries: Any) -> Plan:
     """Read a batch message once; never raises. Unreadable entries go to the quarantine."""
     plan = Plan([], [])
     for entry in entries if isinstance(entries, list) else []:
-        _entry, why = read_entry(json.dumps(entry, default=repr))
-        if _entry is None:
+        why = check_entry(entry)
+        if why:
             plan.unreadable.append((entry, why))
             continue
         meta = Meta.parse(entry["kwargs"].get(META_KEY), entry["task_id"])

@@ -22,7 +22,7 @@ from .settings import Settings
 from .store import ScriptCall, key, redis_for, run_script
 from .validation import OPERATIONS
 
-__all__ = ["Fallback", "Releaser", "read_entry"]
+__all__ = ["Fallback", "Releaser", "check_entry", "read_entry"]
 
 logger = logging.getLogger("cio_celery.fallback")
 
@@ -71,15 +71,21 @@ def read_entry(raw: Any) -> tuple[dict[str, Any] | None, str]:
         entry = json.loads(raw)
     except (ValueError, TypeError):
         return None, "not JSON"
+    why = check_entry(entry)
+    return (None, why) if why else (entry, "")
+
+
+def check_entry(entry: Any) -> str:
+    """Why a parked entry (decoded) cannot be used; '' when it can."""
     if not isinstance(entry, dict):
-        return None, "not an object"
+        return "not an object"
     if entry.get("operation") not in OPERATIONS:
-        return None, "unknown operation"
+        return "unknown operation"
     if not isinstance(entry.get("task_id"), str) or not entry["task_id"]:
-        return None, "no task id"
+        return "no task id"
     if not isinstance(entry.get("args"), list) or not isinstance(entry.get("kwargs"), dict):
-        return None, "args or kwargs malformed"
-    return entry, ""
+        return "args or kwargs malformed"
+    return ""
 
 
 class Fallback:
@@ -97,7 +103,8 @@ class Fallback:
         if buffer == "coalesce":
             self._list = key(settings, "coalesce")
             self._lock = key(settings, "coalesce", "drainer")
-            self.queue = settings.queue
+            # Not behind the backlog of the main queue: workers fetch from both queues in turn.
+            self.queue = settings.fallback_queue
             self.max_bytes = 0  # bounded by the admission (COALESCE_MAX entries)
         else:
             self._list = key(settings, "fallback", "ops")

@@ -26,7 +26,9 @@ def by_kind(fake: FakeCustomerIO) -> Counter[str]:
 
 
 def test_below_the_limit_every_operation_goes_alone() -> None:
-    with chaos_cluster(workers=1, concurrency=2, **LIMITED) as c:
+    # A linger of 0.5 s: on a loaded test machine a message can wait 0.1 s in its queue, which
+    # would count as a backlog (and rightly be batched).
+    with chaos_cluster(workers=1, concurrency=2, **{**LIMITED, "CIO_BATCH_LINGER": "0.5"}) as c:
         c.fake.set_latency(0.01)
         track = c.task("track")
         for i in range(40):
