@@ -20,7 +20,8 @@ The drainer (:class:`Coalescer`, a thread in each worker; a lease lets one of th
 time) takes the oldest operations when ``batch_min_size`` of them wait, or the oldest waited
 ``batch_linger``, and a rate-limit slot is free: batches never outrun the limit, and under heavier
 load they grow instead (up to ``batch_max_operations`` and 500 KB). Each leaves as a
-``cio_celery.deliver_batch`` task on the main queue, which keeps every guarantee per item
+``cio_celery.deliver_batch`` task on the fallback queue (not behind a backlog of the main
+queue), which keeps every guarantee per item
 (claims, done marks, 207 per item, event ids: see batching.py). An operation that cannot join a
 batch (no v2 form, over 32 KB) is published alone, marked so that it is never coalesced again.
 

@@ -92,7 +92,7 @@ class Fallback:
     """Park, count and release operations (FIFO) for one settings' store.
 
     ``buffer="coalesce"`` is the adaptive-batching buffer (see coalesce.py): the same list
-    operations, released to the main queue, and an operation released alone from it is marked
+    operations, released to the fallback queue too, and an operation released alone from it is marked
     so that it is not coalesced into a batch again.
     """
 
