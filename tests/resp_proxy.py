@@ -13,7 +13,9 @@ records their names, and at the k-th counted command can:
 
 Commands a client sends to set up a connection (CLIENT, HELLO, SELECT, AUTH, PING) and to load
 scripts (SCRIPT) are forwarded but not counted, so the k-th command is the same one in every
-run whether or not the client had to open a new connection.
+run whether or not the client had to open a new connection. ``ignore_names`` and
+``ignore_scripts`` (SHA1 prefixes) leave out a worker's background work that runs on its own
+clock (a drainer's ticks, the ledger's writer), which would make the k-th command differ.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class RespProxy:
     commands: list[str] = field(default_factory=list)
     fault: Fault | None = None
     counting: bool = False
+    ignore_names: frozenset[bytes] = frozenset()
+    ignore_scripts: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -140,7 +144,9 @@ class RespProxy:
         """``forward``, or the fault's mode when this is the faulted command."""
         name = parts[0].upper() if parts else b""
         with self._lock:
-            if not self.counting or name in UNCOUNTED:
+            if not self.counting or name in UNCOUNTED or name in self.ignore_names:
+                return "forward"
+            if name == b"EVALSHA" and len(parts) > 1 and parts[1].startswith(self.ignore_scripts):
                 return "forward"
             label = name.decode(errors="replace")
             if name in {b"EVALSHA", b"EVAL"} and len(parts) > 1:
