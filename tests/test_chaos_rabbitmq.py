@@ -111,23 +111,34 @@ def test_rabbitmq_pool_processes_and_a_worker_sigkilled_lose_nothing(node: Rabbi
 
 
 def test_rabbitmq_stopped_and_then_sigkilled_under_load_loses_nothing(node: RabbitMQNode) -> None:
-    n, down = 1000, 2.0
-    started = time.monotonic()
+    n, pace, down = 1000, 20.0, 2.0
     with chaos_cluster(workers=2, concurrency=2, broker="rabbitmq", rabbitmq=node) as c:
         c.fake.set_latency(0.01)
-        c.enqueue_track(n)
-        marks = []
-        for fraction, kill in ((0.2, False), (0.6, True)):
-            wait_applied_count(c, int(n * fraction), timeout=90)
-            marks.append(len(c.fake.applied))
-            node.stop(kill=kill)  # SIGTERM: a clean shutdown; then SIGKILL: a crash
+        started = time.monotonic()
+        producer = stream(c, n, pace)  # the app publishes through both stops (spooling while down)
+        marks, spooled = [], []
+
+        def stop(kill: bool) -> None:
+            marks.append((round(time.monotonic() - started, 1), len(c.task_ids), len(c.fake.applied)))
+            node.stop(kill=kill)
             time.sleep(down)
+            spooled.append(spool_depth(c.producer))
             node.start()
+
+        time.sleep(2.0)
+        stop(kill=False)  # SIGTERM: a clean shutdown
+        # The crash comes once the workers are back (Celery's reconnect backoff: 2, 4, 6 ... s) and
+        # delivering again, while the app still publishes.
+        wait_applied_count(c, marks[0][2] + 100, timeout=60)
+        stop(kill=True)  # SIGKILL: a crash
+        producer.join(30)
         took = wait_all_applied(c, n, timeout=120)
         time.sleep(1.0)
         assert_each_applied_once(c, n)
-        report("rabbitmq_restarted_twice", operations=n, processes=4, applied_at_each_stop=marks,
-               stops="sigterm,sigkill", down_seconds=down, node_start_seconds=node.start_seconds[-2:],
+        assert all(applied < n for _, _, applied in marks)
+        report("rabbitmq_restarted_twice", operations=n, enqueued_over_seconds=pace, processes=4,
+               seconds_enqueued_and_applied_at_each_stop=marks, stops="sigterm,sigkill", down_seconds=down,
+               node_start_seconds=node.start_seconds[-2:], spooled_at_each_start=spooled,
                seconds_to_finish_after_second_restart=round(took, 1), requests=c.fake.stats["received"],
                duplicate_requests_ignored_by_event_id=c.fake.stats["duplicates_ignored"],
                seconds=round(time.monotonic() - started, 1))
