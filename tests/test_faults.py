@@ -46,7 +46,11 @@ from tests.workers import WorkerProcess, worker_env
 
 pytestmark = [pytest.mark.slow]
 
-MODES = tuple(os.environ.get("CIO_FAULT_MODES", "drop,error,kill,kill_after").split(","))
+# The README's test command (and CI) runs two faults per command: a dropped connection and a
+# SIGKILL just after the command ran (the one that found both defects). CIO_FAULT_MODES=all runs
+# the four (docs/chaos.md gives their figures).
+_MODES = os.environ.get("CIO_FAULT_MODES", "drop,kill_after")
+MODES = ("drop", "error", "kill", "kill_after") if _MODES == "all" else tuple(_MODES.split(","))
 # "delivered" and "batch_delivered" are the tails of "retried_after_503" and
 # "batch_parked_while_open" (same commands): they run with CIO_FAULTS_FULL=1.
 FULL = os.environ.get("CIO_FAULTS_FULL") == "1"
