@@ -15,6 +15,9 @@ Healthy means nothing below is wrong. Each problem has a name, a message and the
 - ``spool_quarantine_not_empty``: rows of this host's spool failed ``spool_max_attempts`` times
   with the broker answering and wait for an operator;
 - ``spool_near_full``: this host's spool holds at least 80 % of ``spool_max_bytes``;
+- ``dead_letters_near_full``, ``fallback_near_full``: the dead letters hold at least 80 % of
+  ``dead_letter_max`` or ``dead_letter_max_bytes``, the fallback 80 % of ``fallback_max_bytes``
+  (when full they refuse: the operations wait, retried every minute);
 - ``quarantine_not_empty``: store entries that could not be read (fallback, dead letters,
   batch items) wait for an operator;
 - ``ledger_overdue``: operations of the delivery ledger stayed overdue longer than
@@ -83,7 +86,8 @@ PROBLEM_NAMES = (
     "fallback_unreadable", "dead_letters_unreadable", "stats_unreadable", "breaker_open", "breaker_half_open",
     "broker_unreachable", "broker_publish_failing", "queue_not_consumed", "workers_unreadable",
     "track_credentials_missing", "app_credentials_missing", "spool_stale", "spool_unreadable",
-    "spool_quarantine_not_empty", "spool_near_full", "quarantine_not_empty", "quarantine_unreadable",
+    "spool_quarantine_not_empty", "spool_near_full", "dead_letters_near_full", "fallback_near_full",
+    "quarantine_not_empty", "quarantine_unreadable",
     "ledger_overdue", "ledger_unreadable", "dead_letters_over_threshold", "fallback_over_threshold",
     "health_check_failed",
 )
@@ -299,6 +303,7 @@ class _Builder:
         self.out.update(fallback_depth=fallback, dead_letters=dead, suppressed_duplicates=suppressed or {})
         self._quarantine(s)
         self._section("ledger", lambda: self._ledger(s))
+        self._section("dead_letters", lambda: self._caps(s))
         self.out["batching"] = self._section("batching", lambda: batching_figures(s))
         if max_dead is not None and dead is not None and dead > max_dead:
             self.add("dead_letters_over_threshold", f"{dead} dead letters (more than {max_dead})",
@@ -346,6 +351,23 @@ class _Builder:
         elif status.state == "half-open":
             self.add("breaker_half_open", "the circuit breaker is probing Customer.io after an outage",
                      "nothing to do if it closes; see docs/runbook.md")
+
+    def _caps(self, s: Settings) -> None:
+        count, used = DeadLetters(s, self.app).usage()
+        if count >= SPOOL_NEAR_FULL * s.dead_letter_max or used >= SPOOL_NEAR_FULL * s.dead_letter_max_bytes:
+            self.add("dead_letters_near_full",
+                     f"dead letters hold {count} of {s.dead_letter_max} entries and {used} of "
+                     f"{s.dead_letter_max_bytes} bytes: when full, operations bound for them wait "
+                     "(retried every minute)",
+                     "look at them with `celery -A proj cio dead-letters list`, replay or purge (docs/runbook.md); "
+                     "or raise CIO_DEAD_LETTER_MAX / CIO_DEAD_LETTER_MAX_BYTES", setting="CIO_DEAD_LETTER_MAX_BYTES")
+        depth, parked = Fallback(s, self.app).usage()
+        if parked >= SPOOL_NEAR_FULL * s.fallback_max_bytes:
+            self.add("fallback_near_full",
+                     f"{depth} parked operations hold {parked} of {s.fallback_max_bytes} bytes: when full, "
+                     "operations the breaker refuses wait in the broker (retried every minute)",
+                     "see why the breaker is open (docs/runbook.md); or raise CIO_FALLBACK_MAX_BYTES",
+                     setting="CIO_FALLBACK_MAX_BYTES")
 
     def _quarantine(self, s: Settings) -> None:
         count = self._section("quarantine", lambda: Quarantine(s).count())

@@ -37,6 +37,9 @@ def test_a_full_dead_letter_store_keeps_the_operation_waiting_until_there_is_roo
     assert letters.count() == 2
     _count, used = letters.usage()
     assert used <= 65536
+    from cio_celery.health import health_report
+
+    assert "dead_letters_near_full" in health_report(worker_app).problem_names
     first = letters.list()[0]
     assert letters.delete(first.id)
     waiting = {0, 1, 2} - {e.args[2]["seq"] for e in letters.list()} - {first.args[2]["seq"]}
@@ -60,6 +63,9 @@ def test_a_full_fallback_keeps_operations_waiting_then_delivers_each_once(
     wait_until(lambda: full_events(all_logs), timeout=15, what="an operation waiting on the full fallback")
     depth, used = fallback.usage()
     assert depth < 5 and used <= 65536, (depth, used)
+    from cio_celery.health import health_report
+
+    assert "fallback_near_full" in health_report(worker_app).problem_names
     assert fake.requests == []
     breaker.reset()
     deadline = time.monotonic() + 30
