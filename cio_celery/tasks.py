@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from celery import Task, shared_task
@@ -51,6 +52,26 @@ __all__ = [
     "track_anonymous",
     "unsuppress",
 ]
+
+def _check_delay(operation: str, options: Mapping[str, Any], settings: Settings) -> None:
+    """A caller's countdown or eta may not pass the longest wait the broker tolerates: a Redis
+    broker redelivers a message held past its visibility timeout (it runs twice), RabbitMQ
+    closes the channel of a consumer that holds one past its consumer_timeout."""
+    delay: float | None = None
+    if options.get("countdown") is not None:
+        delay = float(options["countdown"])
+        name = "countdown"
+    elif options.get("eta") is not None:
+        eta = options["eta"]
+        when = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        delay = (when - datetime.now(timezone.utc)).total_seconds()
+        name = "eta"
+    if delay is not None and delay > settings.max_countdown:
+        raise ValidationError(operation, name, f"is {delay:.0f} s away; the longest delay is "
+                              f"{settings.max_countdown:.0f} s (below the broker's visibility timeout)")
+
 
 def _hidden(n: int, what: str) -> str:
     return f"<{n} {what}{'' if n == 1 else 's'} hidden>"
@@ -117,6 +138,8 @@ class CioTask(Task):  # type: ignore[misc]
         # An option the broker would take and the worker then discard (eta="tomorrow") is lost
         # after the publish: refused here, naming it.
         check_options(self.operation, options)
+        if meta is None:
+            _check_delay(self.operation, options, settings)
         caller_key = options.pop("idempotency_key", None)
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)

@@ -204,6 +204,19 @@ def test_a_batch_message_with_a_damaged_entry_quarantines_it_and_delivers_the_re
     assert [r.operation for r in fake.requests] == ["batch"]
 
 
+def test_a_callers_delay_beyond_the_broker_tolerance_is_refused(worker_app: Any, fake: FakeCustomerIO) -> None:
+    import datetime
+
+    longest = settings_for_app(worker_app).max_countdown
+    with pytest.raises(ValidationError, match="countdown"):
+        cio_celery.identify.apply_async(("u",), {"plan": "x"}, countdown=longest + 60)
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=longest + 60)
+    with pytest.raises(ValidationError, match="eta"):
+        cio_celery.identify.apply_async(("u",), {"plan": "x"}, eta=later)
+    cio_celery.identify.apply_async(("u",), {"plan": "x"}, countdown=0.2)
+    fake.wait_for_applied(1, timeout=10)
+
+
 def test_callers_cannot_write_the_metadata_or_pick_a_serializer(worker_app: Any, fake: FakeCustomerIO) -> None:
     with pytest.raises(ValidationError, match="_cio"):
         cio_celery.identify.delay("u", _cio={"key": "someone-else", "slot": 1})
