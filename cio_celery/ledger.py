@@ -18,6 +18,12 @@ docs/chaos.md). The ledger closes that window end to end:
 A queue is first in, first out: an overdue entry published before the message at the head of
 its queue cannot still be in that queue. Every message carries its publish time (``_cio.at``) so
 the sweeper can tell. With a broker other than Redis the ledger is off (no such window).
+
+On a Redis Cluster store the ledger's keys are in the store's common slot and the operation's
+claim in its shard's slot, so a record is two steps: the operation's state is read (one pipelined
+call per node for all the records written together), then the records of operations that have
+not ended are written. An operation that ends between the two leaves an entry that the sweeper
+republishes after the grace; its claim suppresses the copy, which clears the entry.
 """
 
 from __future__ import annotations
@@ -29,28 +35,68 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ._process import PerProcess
-from .idempotency import Claims
+from .idempotency import LOOKUP_LUA, Claims
 from .meta import META_KEY
 from .settings import Settings
-from .store import ScriptCall, key, redis_for, run_pipelined
+from .store import ScriptCall, is_cluster, key, redis_for, run_pipelined
 
-__all__ = ["Ledger", "ledger_enabled"]
+__all__ = ["Ledger", "RecordCall", "ledger_enabled", "write_records"]
 
 logger = logging.getLogger("cio_celery.ledger")
 
-# KEYS: entries, due, the operation's claim. ARGV: task id, entry JSON, due (unix s).
-# A record can land after the operation ended (it is written in the background): an operation
-# whose claim is done, or dead-lettered by this very message, is not recorded.
-_RECORD = """
-local v = redis.call('GET', KEYS[3])
-if v and (string.sub(v, 1, 2) == 'd:' or v == 'x:' .. ARGV[1]) then return 0 end
+# KEYS: the operation's claim, its done-mark index. ARGV: task id, member, path, prefix, shard.
+# 1 when the operation ended: done, or dead-lettered by this very message. A record lands late by
+# moments (it is written in the background), so only the two newest buckets of the done marks are
+# looked in: an operation that ended earlier and is published again is recorded, and its entry
+# goes when that copy is suppressed.
+_ENDED_LUA = LOOKUP_LUA + """
+local function ended(claim, index, task_id, member, path, prefix, shard)
+  local v = redis.pcall('GET', claim)
+  if type(v) == 'string' and (string.sub(v, 1, 2) == 'd:' or v == 'x:' .. task_id) then return true end
+  return is_done(index, prefix, shard, member, path, now_ms(nil), 2)
+end
+"""
+_ENDED = _ENDED_LUA + """
+if ended(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]) then return 1 end
+return 0
+"""
+
+# KEYS: entries, due. ARGV: task id, entry JSON, due (unix s).
+_WRITE = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
+
+# KEYS: entries, due, the operation's claim, its done-mark index. ARGV: task id, entry JSON, due (unix s),
+# member, path, prefix, shard. A record can land after the operation ended (it is written in
+# the background): an operation that ended is not recorded.
+_RECORD = _ENDED_LUA + """
+if ended(KEYS[3], KEYS[4], ARGV[1], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]) then return 0 end
+""" + _WRITE
+
+
+@dataclass(frozen=True)
+class RecordCall(ScriptCall):
+    """A ledger record; on a cluster store, ``check`` reads whether the operation ended (in its
+    shard's slot) and the call itself only writes (see the module docstring)."""
+
+    check: ScriptCall | None = None
+
+
+def write_records(settings: Settings, calls: list[ScriptCall]) -> None:
+    """Write ledger records in one round trip (on a cluster, two: read the states, then write)."""
+    checked = [c for c in calls if isinstance(c, RecordCall) and c.check is not None]
+    plain = [c for c in calls if not (isinstance(c, RecordCall) and c.check is not None)]
+    if checked:
+        ended = run_pipelined(settings, [c.check for c in checked if c.check is not None])
+        plain += [c for c, gone in zip(checked, ended, strict=True) if not int(gone or 0)]
+    if plain:
+        run_pipelined(settings, plain)
 
 # KEYS: entries, due. ARGV: task ids.
 _CLEAR = """
@@ -76,7 +122,7 @@ def ledger_enabled(settings: Settings, app: Any) -> bool:
 def grace_of(settings: Settings) -> float:
     """How long an entry may go unseen before the sweeper looks for it: the visibility timeout
     (after which kombu itself restores an unacknowledged message), at most 5 minutes."""
-    return max(5.0, min(settings.visibility_timeout or 3600.0, 300.0))
+    return settings.ledger_grace
 
 
 class Ledger:
@@ -95,8 +141,13 @@ class Ledger:
         meta = kwargs.get(META_KEY) if isinstance(kwargs, dict) else None
         operation = task.rsplit(".", 1)[-1]
         idem_key = meta.get("key") if isinstance(meta, dict) else None
-        claim = Claims(self.settings).keys_for(operation, idem_key if isinstance(idem_key, str) else task_id)[0]
-        return ScriptCall(_RECORD, [self._entries, self._due, claim], [task_id, entry, repr(at + self.grace)])
+        w = Claims(self.settings).where(operation, idem_key if isinstance(idem_key, str) else task_id)
+        due = repr(at + self.grace)
+        if is_cluster(self.settings):
+            return RecordCall(_WRITE, [self._entries, self._due], [task_id, entry, due],
+                              check=ScriptCall(_ENDED, [w.claim, w.index], [task_id, *w.lookup_args]))
+        return RecordCall(_RECORD, [self._entries, self._due, w.claim, w.index], [task_id, entry, due,
+                                                                                  *w.lookup_args])
 
     def record(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None, at: float) -> None:
         """Record one publish in the background (this process's writer); never raises, never waits.
@@ -109,7 +160,7 @@ class Ledger:
     def record_now(self, calls: list[ScriptCall]) -> None:
         """Record several publishes in one round trip, now (a batch's items)."""
         if calls:
-            run_pipelined(self.settings, calls)
+            write_records(self.settings, calls)
 
     def clear_call(self, task_ids: list[str]) -> ScriptCall:
         """Remove ended operations (run it in the round trip that ends them)."""
@@ -219,7 +270,7 @@ class _Writer:
         if not calls:
             return
         try:
-            run_pipelined(self.settings, calls)
+            write_records(self.settings, calls)
         except Exception as exc:  # noqa: BLE001 - a safety net: the operations themselves are published
             if time.monotonic() - self._warned_at > _BACKOFF:
                 self._warned_at = time.monotonic()

@@ -83,7 +83,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app_url", "CIO_APP_URL", _str, "Base URL replacing the region's App API host."),
     Setting("redis_url", "CIO_REDIS_URL", _str,
         "Redis for breaker, idempotency, fallback and dead letters; defaults to the broker URL "
-        "when the broker is Redis. `django-redis://<alias>` reuses a django-redis cache's connection.",
+        "when the broker is Redis. `django-redis://<alias>` reuses a django-redis cache's connection; "
+        "`redis+cluster://host:port` (or `rediss+cluster://`) is a Redis Cluster, any of its masters "
+        "(docs/cluster.md).",
     ),
     Setting("key_prefix", "CIO_KEY_PREFIX", _str, "Prefix of every Redis key (used as a hash tag)."),
     Setting("timeout", "CIO_TIMEOUT", float, "HTTP timeout in seconds for one Customer.io request."),
@@ -166,8 +168,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Claim each operation's idempotency key in Redis before calling Customer.io.",
     ),
     Setting("idempotency_retention", "CIO_IDEMPOTENCY_RETENTION", float,
-        "Seconds a delivered operation's key is kept (duplicates inside it are suppressed); "
-        "must outlast the retry horizon plus the visibility timeout.",
+        "Seconds a delivered operation's caller key (`apply_async(..., idempotency_key=...)`) is kept "
+        "(duplicates inside it are suppressed); must outlast the retry horizon plus the visibility timeout.",
+    ),
+    Setting("idempotency_task_retention", "CIO_IDEMPOTENCY_TASK_RETENTION", float,
+        "Seconds a delivered operation enqueued without a caller key (its key is its task id) is kept "
+        "marked done, so that redeliveries of it are suppressed; default: the longest redelivery horizon "
+        "the other settings allow (docs/idempotency.md); a shorter one is refused. Raise it when queues "
+        "can hold a backlog longer than that.",
     ),
     Setting("idempotency_lease", "CIO_IDEMPOTENCY_LEASE", float,
         "Seconds a worker's claim lives while it delivers; default: timeout + task_time_limit + 5.",
@@ -291,6 +299,7 @@ class Settings:
     show_args: bool = False
     idempotency_enabled: bool = True
     idempotency_retention: float = 7 * 86400.0
+    idempotency_task_retention: float | None = None
     idempotency_lease: float | None = None
     ambiguous_sends: str = "dead_letter"
     enqueue_timeout: float = 0.5
@@ -357,6 +366,45 @@ class Settings:
         longest_wait = min(max(self.retry_backoff_max, self.retry_after_max * 1.1), self.max_countdown)
         return self.max_retries * longest_wait + (self.max_retries + 1) * self.task_time_limit + vt
 
+    @property
+    def ledger_grace(self) -> float:
+        """How long a delivery ledger entry may go unseen before the sweeper looks for it: the
+        visibility timeout (after which kombu itself restores an unacknowledged message), at
+        most 5 minutes."""
+        return max(5.0, min(self.visibility_timeout or REDIS_DEFAULT_VISIBILITY_TIMEOUT, 300.0))
+
+    @property
+    def redelivery_horizon(self) -> float:
+        """Longest time after an operation is marked done that another copy of its message (the
+        same task id) can still ask for its claim.
+
+        The retry horizon (every countdown and time limit of a retry chain, and one visibility
+        timeout), plus a countdown the copy was given before the operation was done, a claim
+        lease it waited for, the delivery ledger's republish (its grace and a quarter more, the
+        sweep interval), a fallback release interval and a minute for kombu's restore sweep.
+        """
+        return (self.retry_horizon + self.max_countdown + self.claim_lease + 1.0
+                + 1.25 * self.ledger_grace + self.fallback_release_interval + 60.0)
+
+    @property
+    def task_key_retention(self) -> float:
+        """Seconds a done mark keyed by a task id is kept (``idempotency_task_retention``, by
+        default the redelivery horizon)."""
+        if self.idempotency_task_retention is not None:
+            return self.idempotency_task_retention
+        return self.redelivery_horizon
+
+    @property
+    def caller_key_retention(self) -> float:
+        """Seconds a done mark keyed by a caller key is kept: ``idempotency_retention``, and never
+        less than a task id's (its message's own redeliveries)."""
+        return max(self.idempotency_retention, self.task_key_retention)
+
+    @property
+    def store_is_cluster(self) -> bool:
+        """The store is a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+        return (self.redis_url or "").split(":", 1)[0] in {"redis+cluster", "rediss+cluster"}
+
     def ambiguous_policy(self, operation: str) -> str:
         """``retry`` or ``dead_letter`` for a transactional send whose failure may have been applied."""
         return _ambiguous_map(self.ambiguous_sends).get(operation, "retry")
@@ -412,10 +460,17 @@ def _split_url(name: str, url: Any) -> SplitResult:
 
 def _validate_redis_url(url: str) -> None:
     parts = _split_url("redis_url", url)
-    if parts.scheme not in {"redis", "rediss", "unix", "django-redis"}:
+    if parts.scheme not in {"redis", "rediss", "unix", "django-redis", "redis+cluster", "rediss+cluster"}:
         raise ConfigurationError(
-            "redis_url", "must be a redis://, rediss:// or unix:// URL, or django-redis://<cache alias>"
+            "redis_url", "must be a redis://, rediss:// or unix:// URL, django-redis://<cache alias>, "
+            "or redis+cluster://host:port for a Redis Cluster"
         )
+    if parts.scheme.endswith("+cluster"):
+        if not parts.hostname:
+            raise ConfigurationError("redis_url", "must name a cluster node: redis+cluster://host:port")
+        if parts.path.strip("/") not in {"", "0"}:
+            raise ConfigurationError("redis_url", "names a Redis Cluster, which has database 0 only")
+        return
     if parts.scheme == "django-redis":
         if not parts.netloc:
             raise ConfigurationError("redis_url", "must name a cache alias: django-redis://<alias>")
@@ -509,6 +564,14 @@ def _validate(s: Settings) -> None:
     if s.idempotency_lease is not None and s.idempotency_lease <= min(s.timeout, s.task_time_limit):
         # An attempt ends with its HTTP timeout or its hard time limit, whichever comes first.
         raise ConfigurationError("idempotency_lease", "must exceed the shorter of timeout and task_time_limit")
+    if (s.idempotency_enabled and s.idempotency_task_retention is not None
+            and s.idempotency_task_retention < s.redelivery_horizon):
+        raise ConfigurationError(
+            "idempotency_task_retention",
+            f"must be at least {s.redelivery_horizon:.0f} s: the redelivery horizon (the retry horizon, a "
+            "countdown, a claim lease, the delivery ledger's grace); a shorter one lets a late redelivery "
+            "through twice",
+        )
     if s.idempotency_enabled and s.idempotency_retention < s.retry_horizon:
         raise ConfigurationError(
             "idempotency_retention",

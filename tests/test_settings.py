@@ -74,6 +74,10 @@ def test_settings_are_frozen() -> None:
         ({"app_url": "https://"}, {}, "app_url"),
         ({"spool_max_bytes": 1000}, {}, "spool_max_bytes"),
         ({"spool_max_attempts": 0}, {}, "spool_max_attempts"),
+        ({"redis_url": "redis+cluster://"}, {}, "redis_url"),
+        ({"redis_url": "redis+cluster://127.0.0.1:7000/2"}, {}, "redis_url"),
+        ({"redis_url": "redis+sentinel://127.0.0.1:7000"}, {}, "redis_url"),
+        ({"idempotency_task_retention": 600}, {}, "idempotency_task_retention"),
     ],
 )
 def test_bad_configuration_names_the_setting(overrides: dict, env: dict, setting: str) -> None:
@@ -141,3 +145,30 @@ def test_every_setting_is_in_the_configuration_reference() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     missing = [s.name for s in SETTINGS if f"`{s.name}`" not in text or f"`{s.env}`" not in text]
     assert missing == []
+
+
+def test_a_cluster_store_url_is_accepted() -> None:
+    for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://:pw@node-1:7000/0",
+                "redis+cluster://127.0.0.1:7000/"):
+        s = build_settings({"redis_url": url}, environ={})
+        assert s.store_is_cluster
+    assert not build_settings({"redis_url": "redis://127.0.0.1:6379/0"}, environ={}).store_is_cluster
+
+
+def test_the_redelivery_horizon_is_derived_from_the_settings_and_may_only_be_raised() -> None:
+    s = build_settings(environ={})
+    # The retry horizon, a countdown, a claim lease and its jitter, the ledger's grace and sweep,
+    # a release interval, a minute for kombu's restore sweep.
+    assert s.redelivery_horizon == s.retry_horizon + 3240 + 75 + 1 + 1.25 * 300 + 1 + 60 == 15812
+    assert s.task_key_retention == s.redelivery_horizon
+    assert s.caller_key_retention == s.idempotency_retention == 7 * 86400
+    longer = build_settings({"idempotency_task_retention": 86400}, environ={})
+    assert longer.task_key_retention == 86400
+    # A caller key's own message is redelivered like any other: never kept for less.
+    both = build_settings({"idempotency_task_retention": 20 * 86400}, environ={})
+    assert both.caller_key_retention == 20 * 86400
+    fast = build_settings({"visibility_timeout": 120, "max_retries": 1}, environ={})
+    assert fast.redelivery_horizon < s.redelivery_horizon
+    with pytest.raises(ConfigurationError) as info:
+        build_settings({"idempotency_task_retention": s.redelivery_horizon - 1}, environ={})
+    assert "redelivery horizon" in str(info.value)
