@@ -231,16 +231,25 @@ def recommended_celery_config(
         else:
             # max_countdown is 90 % of it (for >= 600 s): the remaining 10 % covers one attempt.
             visibility_timeout = max(REDIS_DEFAULT_VISIBILITY_TIMEOUT, 10.0 * (s.task_time_limit + s.timeout))
-    return {
-        **_common_config(),
-        "broker_transport_options": {
-            "visibility_timeout": float(visibility_timeout),
-            "socket_timeout": 5,
-            "socket_connect_timeout": 5,
-            "unacked_restore_interval": 1.0,
-            "unacked_restore_throttle": 1,
-        },
+    options: dict[str, Any] = {
+        "visibility_timeout": float(visibility_timeout),
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "unacked_restore_interval": 1.0,
+        "unacked_restore_throttle": 1,
     }
+    return {**_common_config(), "broker_transport_options": _known_to_kombu(options)}
+
+
+def _known_to_kombu(options: dict[str, Any]) -> dict[str, Any]:
+    """The Redis transport options the installed kombu reads (the unacked_restore_* pair came with
+    kombu 5.7; with an older one the sweep keeps kombu's own pace)."""
+    try:
+        from kombu.transport.redis import Channel
+    except ImportError:  # the transport's own dependencies are missing: the checks say so
+        return options
+    known = set(Channel.from_transport_options)
+    return {k: v for k, v in options.items() if k in known}
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,14 @@ def fake(fake_cio_session: FakeCustomerIO) -> Iterator[FakeCustomerIO]:
 
 @pytest.fixture()
 def worker_app(celery_session_app: Any, celery_session_worker: Any, store: redis.Redis, fake: FakeCustomerIO) -> Any:
-    """The session app with a running embedded worker, a clean store and a clean fake."""
+    """The session app with a running embedded worker, a clean store and a clean fake.
+
+    It is made the current app: the package's tasks are shared tasks, so ``cio_celery.track``
+    publishes through the current app, and another test may have made its own app current (with
+    Celery 5.4, a later test's ``.delay()`` then went to that app's default broker).
+    """
     configure(celery_session_app)
+    celery_session_app.set_current()
     return celery_session_app
 
 
