@@ -40,9 +40,11 @@ from cio_celery.exceptions import ValidationError
 __all__ = [
     "ATTRIBUTE_NAME_MAX_BYTES",
     "ATTRIBUTE_VALUE_MAX_BYTES",
+    "BATCH_ACTIONS",
     "BATCH_BODY_MAX_BYTES",
     "BATCH_OPERATION_MAX_BYTES",
     "BATCH_OPERATION_TYPES",
+    "DELIVERY_METRICS",
     "DEVICE_DATA_MAX_BYTES",
     "DEVICE_ID_MAX_BYTES",
     "DEVICE_PLATFORMS",
@@ -92,6 +94,17 @@ MERGE_ID_TYPES: Final[tuple[str, ...]] = ("id", "email", "cio_id")
 IDENTIFIER_TYPES: Final[tuple[str, ...]] = MERGE_ID_TYPES
 """Keys allowed in an ``identifiers`` dict (batch person operations, transactional sends)."""
 BATCH_OPERATION_TYPES: Final[tuple[str, ...]] = ("person", "object", "delivery")
+BATCH_ACTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "person": (
+        "identify", "delete", "event", "screen", "page", "add_relationships", "delete_relationships",
+        "add_device", "delete_device", "merge", "suppress", "unsuppress",
+    ),
+    "object": ("identify", "identify_anonymous", "delete", "add_relationships", "delete_relationships"),
+    "delivery": ("event",),
+}
+"""The actions the Track API v2 documents for each operation type (its OpenAPI ``batch`` schema)."""
+DELIVERY_METRICS: Final[tuple[str, ...]] = ("opened", "converted", "delivered")
+"""``name`` of a delivery operation."""
 BATCH_OPERATION_MAX_BYTES: Final = 32_000
 BATCH_BODY_MAX_BYTES: Final = 500_000
 """The whole ``{"batch": [...]}`` request body."""
@@ -819,23 +832,15 @@ def _check_batch(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str
         if type(kind) is not str or kind not in BATCH_OPERATION_TYPES:
             raise ValidationError(op, field + ".type", "must be one of 'person', 'object', 'delivery'")
         action = operation.get("action")
-        if type(action) is not str or not action or action.isspace():
-            raise ValidationError(op, field + ".action", "must be a non-empty str")
+        actions = BATCH_ACTIONS[kind]
+        if type(action) is not str or action not in actions:
+            raise ValidationError(op, field + ".action", f"must be one of {_quoted(actions)} for a {kind} operation")
         if operation.get("timestamp") is not None:
             operation["timestamp"] = _timestamp(op, field + ".timestamp", operation["timestamp"])
-        if kind == "person":
-            if action == "merge":
-                for side in ("primary", "secondary"):
-                    operation[side] = _identifiers(op, f"{field}.{side}", operation.get(side))
-            else:
-                identifiers = operation.get("identifiers")
-                operation["identifiers"] = _identifiers(op, field + ".identifiers", identifiers)
-            if action in _EVENT_ACTIONS:
-                if "name" not in operation:
-                    raise ValidationError(op, field + ".name", f"is required for a person {action} operation")
-                operation["name"] = _event_name(op, field + ".name", operation["name"])
-                if operation.get("id") is not None:
-                    operation["id"] = _ulid(op, field + ".id", operation["id"])
+        attributes = operation.get("attributes", {})
+        if type(attributes) is not dict:
+            raise ValidationError(op, field + ".attributes", f"is of type {_type_name(attributes)}; must be a dict")
+        _BATCH_ITEM_CHECKS[kind](op, field, action, operation)
         total += _check_size(op, field, operation, BATCH_OPERATION_MAX_BYTES)
     # {"batch":[op,op,...]}: 12 bytes of framing plus a comma between operations.
     body = total + len(operations) - 1 + len('{"batch":[]}')
@@ -845,6 +850,73 @@ def _check_batch(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str
         )
     values[0] = operations
     return extras
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _batch_person(op: str, field: str, action: str, operation: dict[str, Any]) -> None:
+    if action == "merge":
+        if "identifiers" in operation:
+            raise ValidationError(op, field + ".identifiers", "must be absent: a merge names primary and secondary")
+        for side in ("primary", "secondary"):
+            operation[side] = _identifiers(op, f"{field}.{side}", operation.get(side))
+        return
+    operation["identifiers"] = _identifiers(op, field + ".identifiers", operation.get("identifiers"))
+    if action in _EVENT_ACTIONS:
+        if "name" not in operation:
+            raise ValidationError(op, field + ".name", f"is required for a person {action} operation")
+        operation["name"] = _event_name(op, field + ".name", operation["name"])
+        if operation.get("id") is not None:
+            operation["id"] = _ulid(op, field + ".id", operation["id"])
+    elif action in ("add_device", "delete_device"):
+        device = operation.get("device")
+        if type(device) is not dict:
+            raise ValidationError(op, field + ".device", f"is required for a person {action} operation (a dict)")
+        device["token"] = _text(op, field + ".device.token", device.get("token"), None)
+        platform = device.get("platform")
+        if (platform is not None or action == "add_device") and platform not in DEVICE_PLATFORMS:
+            raise ValidationError(op, field + ".device.platform", "must be 'ios' or 'android'")
+    elif action in ("add_relationships", "delete_relationships"):
+        _relationships(op, field, action, operation)
+
+
+def _batch_object(op: str, field: str, action: str, operation: dict[str, Any]) -> None:
+    ids = operation.get("identifiers")
+    where = field + ".identifiers"
+    if type(ids) is not dict or set(ids) not in ({"object_type_id", "object_id"}, {"cio_object_id"}):
+        raise ValidationError(op, where, "must be {'object_type_id': ..., 'object_id': ...} or {'cio_object_id': ...}")
+    for key in ids:
+        ids[key] = _text(op, f"{where}.{key}", ids[key], None)
+    if action in ("add_relationships", "delete_relationships"):
+        _relationships(op, field, action, operation)
+
+
+def _batch_delivery(op: str, field: str, action: str, operation: dict[str, Any]) -> None:
+    ids = operation.get("identifiers")
+    if type(ids) is not dict or set(ids) != {"id"}:
+        raise ValidationError(op, field + ".identifiers", "must be {'id': <delivery id>}")
+    ids["id"] = _text(op, field + ".identifiers.id", ids["id"], None)
+    if operation.get("name") not in DELIVERY_METRICS:
+        raise ValidationError(op, field + ".name", f"must be one of {_quoted(DELIVERY_METRICS)}")
+    attributes = operation.get("attributes")
+    if type(attributes) is not dict:
+        raise ValidationError(op, field + ".attributes", "is required for a delivery (a dict with device_token)")
+    attributes["device_token"] = _text(op, field + ".attributes.device_token", attributes.get("device_token"), None)
+
+
+def _relationships(op: str, field: str, action: str, operation: dict[str, Any]) -> None:
+    relationships = operation.get("cio_relationships")
+    if type(relationships) is not list or not relationships:
+        raise ValidationError(op, field + ".cio_relationships", f"is required for {action} (a non-empty list)")
+
+
+_BATCH_ITEM_CHECKS: Final[dict[str, Callable[[str, str, str, dict[str, Any]], None]]] = {
+    "person": _batch_person,
+    "object": _batch_object,
+    "delivery": _batch_delivery,
+}
 
 
 _REQUEST_CLASSES: Final[dict[str, type[Any]]] = {

@@ -87,13 +87,15 @@ def test_recommended_config_values() -> None:
     assert "task_acks_on_failure_or_timeout" not in conf  # the tasks set their own (never ack a timeout)
     assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
     assert conf["broker_connection_retry_on_startup"] is True
-    assert conf["broker_transport_options"] == {
+    expected = {
         "visibility_timeout": 3600.0,
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
-        "unacked_restore_interval": 1.0,
-        "unacked_restore_throttle": 1,
+        "unacked_restore_interval": 1.0,  # kombu 5.7+ only
+        "unacked_restore_throttle": 1,  # kombu 5.7+ only
     }
+    known = set(Channel.from_transport_options)
+    assert conf["broker_transport_options"] == {k: v for k, v in expected.items() if k in known}
     # Every transport option is one kombu's Redis channel reads (unknown ones are ignored silently).
     assert set(conf["broker_transport_options"]) <= set(Channel.from_transport_options)
 

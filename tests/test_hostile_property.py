@@ -121,13 +121,45 @@ def calls(draw: st.DrawFn) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         types = st.sampled_from(["id", "email", "cio_id", "phone"])
         return op, (draw(types), draw(ids), draw(types), draw(ids)), {}
     if op == "batch":
-        operation = st.fixed_dictionaries(
-            {"type": st.sampled_from(["person", "object", "delivery", "bogus"]),
-             "action": st.sampled_from(["identify", "event", "page", "merge", "delete", ""]) | texts},
+        # Each type with its documented actions (mostly), its identifiers (mostly) and hostile extras.
+        object_ids = st.one_of(
+            st.fixed_dictionaries({"object_type_id": texts, "object_id": texts}),
+            st.fixed_dictionaries({"cio_object_id": texts}), identifiers,
+        )
+        relationships = st.lists(st.fixed_dictionaries({"identifiers": object_ids}), max_size=2) | values
+        person = st.fixed_dictionaries(
+            {"type": st.just("person"),
+             "action": st.sampled_from(["identify", "event", "page", "merge", "delete", "add_relationships", ""])
+             | texts},
             optional={"identifiers": identifiers, "primary": identifiers, "secondary": identifiers,
                       "name": texts, "id": st.just(ULID) | texts, "timestamp": timestamps,
-                      "attributes": data_dicts},
+                      "attributes": data_dicts, "cio_relationships": relationships},
         )
+        obj = st.fixed_dictionaries(
+            {"type": st.just("object"),
+             "action": st.sampled_from(["identify", "identify_anonymous", "delete", "delete_relationships", "page"])
+             | texts, "identifiers": object_ids},
+            optional={"attributes": data_dicts, "cio_relationships": relationships, "timestamp": timestamps},
+        )
+        delivery = st.fixed_dictionaries(
+            {"type": st.just("delivery"), "action": st.sampled_from(["event", "event", "identify"]),
+             "identifiers": st.fixed_dictionaries({"id": texts}) | identifiers,
+             "name": st.sampled_from(["opened", "converted", "delivered", "clicked"]) | texts},
+            optional={"attributes": st.fixed_dictionaries({"device_token": texts}) | data_dicts},
+        )
+        bogus = st.fixed_dictionaries({"type": texts | st.just("bogus"), "action": texts}, optional={"x": values})
+        # Well-formed operations with hostile attributes, so that some batches are delivered.
+        good = st.one_of(
+            st.builds(lambda i, a: {"type": "person", "action": "identify", "identifiers": {"id": i},
+                                    "attributes": a}, st.text("abc123", min_size=1, max_size=8), data_dicts),
+            st.builds(lambda t, a: {"type": "object", "action": "identify",
+                                    "identifiers": {"object_type_id": "1", "object_id": t}, "attributes": a},
+                      st.text("xyz", min_size=1, max_size=8), data_dicts),
+            st.builds(lambda n: {"type": "delivery", "action": "event", "identifiers": {"id": "dlv1"},
+                                 "name": n, "attributes": {"device_token": "tok"}},
+                      st.sampled_from(["opened", "converted", "delivered"])),
+        )
+        operation = st.one_of(good, good, good, person, obj, delivery, bogus)
         return op, (draw(st.lists(operation, min_size=0, max_size=4)),), {}
     request = draw(st.fixed_dictionaries(
         {"transactional_message_id": st.integers(0, 10**6) | texts, "identifiers": identifiers},

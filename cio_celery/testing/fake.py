@@ -958,6 +958,9 @@ _V2_PERSON_ACTIONS: Final = {
     "add_relationships": ("cio_relationships",), "delete_relationships": ("cio_relationships",),
 }
 _V2_IDENTIFIERS: Final = frozenset({"id", "email", "cio_id"})
+_V2_OBJECT_ACTIONS: Final = frozenset(
+    {"identify", "identify_anonymous", "delete", "add_relationships", "delete_relationships"}
+)
 
 
 def _one_identifier(value: Any, allowed: frozenset[str]) -> str | None:
@@ -979,8 +982,12 @@ def check_v2_item(item: dict[str, Any]) -> tuple[str, str, str] | None:
         return ("required", "type", "type is required")
     if action is None:
         return ("required", "action", "action is required")
+    if kind == "object":
+        return _check_v2_object(item, action)
+    if kind == "delivery":
+        return _check_v2_delivery(item, action)
     if kind != "person":
-        return ("invalid", "type", "only person operations are served by this fake")
+        return ("invalid", "type", "type must be person, object or delivery")
     if action not in _V2_PERSON_ACTIONS:
         return ("invalid", "action", f"unknown person action {action!r}")
     for field in _V2_PERSON_ACTIONS[action]:
@@ -1015,6 +1022,35 @@ def check_v2_item(item: dict[str, Any]) -> tuple[str, str, str] | None:
             return ("required", "device", "device.platform is required for add_device")
     if "attributes" in item and not isinstance(item["attributes"], dict):
         return ("invalid", "attributes", "attributes must be an object")
+    return None
+
+
+def _check_v2_object(item: dict[str, Any], action: Any) -> tuple[str, str, str] | None:
+    """The v2 ``object_*`` schemas: an action among five, identified by type and id or by cio_object_id."""
+    if action not in _V2_OBJECT_ACTIONS:
+        return ("invalid", "action", f"unknown object action {action!r}")
+    ids = item.get("identifiers")
+    if not isinstance(ids, dict) or sorted(ids) not in (["object_id", "object_type_id"], ["cio_object_id"]):
+        return ("invalid", "identifiers", "object_type_id and object_id, or cio_object_id, are required")
+    if not all(isinstance(v, str) and v.strip() for v in ids.values()):
+        return ("invalid", "identifiers", "object identifiers must be non-blank strings")
+    if action in ("add_relationships", "delete_relationships") and not item.get("cio_relationships"):
+        return ("required", "cio_relationships", f"cio_relationships is required for {action}")
+    return None
+
+
+def _check_v2_delivery(item: dict[str, Any], action: Any) -> tuple[str, str, str] | None:
+    """The v2 ``delivery`` schema: an event naming a metric, for a delivery id, with the device token."""
+    if action != "event":
+        return ("invalid", "action", "a delivery operation's action is event")
+    ids = item.get("identifiers")
+    if not isinstance(ids, dict) or list(ids) != ["id"] or not isinstance(ids["id"], str) or not ids["id"].strip():
+        return ("invalid", "identifiers", "identifiers.id (the delivery id) is required")
+    if item.get("name") not in ("opened", "converted", "delivered"):
+        return ("invalid", "name", "name must be opened, converted or delivered")
+    attributes = item.get("attributes")
+    if not isinstance(attributes, dict) or not isinstance(attributes.get("device_token"), str):
+        return ("required", "attributes", "attributes.device_token is required")
     return None
 
 
