@@ -834,7 +834,7 @@ def _check_batch(op: str, values: list[Any], extras: dict[str, Any]) -> dict[str
         action = operation.get("action")
         actions = BATCH_ACTIONS[kind]
         if type(action) is not str or action not in actions:
-            raise ValidationError(op, field + ".action", f"must be one of {_quoted(actions)} for a {kind} operation")
+            raise ValidationError(op, field + ".action", f"must be one of {_quoted(actions)} (the {kind} actions)")
         if operation.get("timestamp") is not None:
             operation["timestamp"] = _timestamp(op, field + ".timestamp", operation["timestamp"])
         attributes = operation.get("attributes", {})

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from cio_celery import validation as v
 from cio_celery.exceptions import ValidationError
-from cio_celery.validation import OPERATIONS, json_size, normalize
+from cio_celery.validation import BATCH_ACTIONS, OPERATIONS, json_size, normalize
 
 SECRET = "secret-person@example.com"
 ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
@@ -510,14 +510,48 @@ def test_batch_type_and_action() -> None:
         "operations[0].type",
         "must be one of 'person', 'object', 'delivery'",
     )
-    fails("batch", [[{"type": "object"}]], {}, "operations[0].action", "must be a non-empty str")
-    fails(
-        "batch",
-        [[{"type": "delivery", "action": " "}]],
-        {},
-        "operations[0].action",
-        "must be a non-empty str",
-    )
+    object_actions = "'identify', 'identify_anonymous', 'delete', 'add_relationships', 'delete_relationships'"
+    fails("batch", [[{"type": "object"}]], {}, "operations[0].action",
+          f"must be one of {object_actions} (the object actions)")
+    fails("batch", [[{"type": "object", "action": "page"}]], {}, "operations[0].action",
+          f"must be one of {object_actions} (the object actions)")
+    fails("batch", [[{"type": "delivery", "action": " "}]], {}, "operations[0].action",
+          "must be one of 'event' (the delivery actions)")
+    person_actions = ", ".join(repr(a) for a in BATCH_ACTIONS["person"])
+    fails("batch", [[{"type": "person", "action": "track", "identifiers": {"id": "u"}}]], {},
+          "operations[0].action", f"must be one of {person_actions} (the person actions)")
+
+
+OBJECT = {"type": "object", "action": "identify", "identifiers": {"object_type_id": "1", "object_id": "acme"}}
+
+
+def test_batch_object_and_delivery_shapes() -> None:
+    ok = [OBJECT, {"type": "object", "action": "delete", "identifiers": {"cio_object_id": "o1"}},
+          {"type": "delivery", "action": "event", "identifiers": {"id": "d1"}, "name": "opened",
+           "attributes": {"device_token": "t"}}]
+    assert normalize("batch", (ok,), {})[0][0] == ok
+    shape = "must be {'object_type_id': ..., 'object_id': ...} or {'cio_object_id': ...}"
+    fails("batch", [[{**OBJECT, "identifiers": {"id": "u"}}]], {}, "operations[0].identifiers", shape)
+    fails("batch", [[{**OBJECT, "identifiers": {"object_type_id": "1"}}]], {}, "operations[0].identifiers", shape)
+    fails("batch", [[{**OBJECT, "identifiers": {"cio_object_id": " "}}]], {},
+          "operations[0].identifiers.cio_object_id", "must not be blank")
+    fails("batch", [[{**OBJECT, "action": "add_relationships"}]], {}, "operations[0].cio_relationships",
+          "is required for add_relationships (a non-empty list)")
+    fails("batch", [[{**OBJECT, "attributes": ["x"]}]], {}, "operations[0].attributes",
+          "is of type list; must be a dict")
+    delivery = ok[2]
+    fails("batch", [[{**delivery, "name": "clicked"}]], {}, "operations[0].name",
+          "must be one of 'opened', 'converted', 'delivered'")
+    fails("batch", [[{**delivery, "identifiers": {"email": "a@b"}}]], {}, "operations[0].identifiers",
+          "must be {'id': <delivery id>}")
+    fails("batch", [[{**delivery, "attributes": {}}]], {}, "operations[0].attributes.device_token",
+          "must not be None")
+    device = {"type": "person", "action": "add_device", "identifiers": {"id": "u"}, "device": {"token": "t"}}
+    fails("batch", [[device]], {}, "operations[0].device.platform", "must be 'ios' or 'android'")
+    assert normalize("batch", ([{**device, "action": "delete_device"}],), {})[0][0][0]["device"] == {"token": "t"}
+    merge = {"type": "person", "action": "merge", "primary": {"id": "a"}, "secondary": {"id": "b"}}
+    fails("batch", [[{**merge, "identifiers": {"id": "a"}}]], {}, "operations[0].identifiers",
+          "must be absent: a merge names primary and secondary")
 
 
 def test_batch_person_identifiers() -> None:
@@ -598,7 +632,7 @@ def test_batch_timestamps_normalised() -> None:
 
 
 def test_batch_operation_size() -> None:
-    op = {"type": "object", "action": "identify", "attributes": {"x": ""}}
+    op = {**OBJECT, "attributes": {"x": ""}}
     room = 32_000 - json_size(op)
     ok = {**op, "attributes": {"x": "a" * room}}
     assert normalize("batch", ([ok],), {})[0][0] == [ok]
@@ -613,7 +647,7 @@ def test_batch_operation_size() -> None:
 
 
 def test_batch_body_size() -> None:
-    op = {"type": "object", "action": "identify", "attributes": {"x": "a" * 31_000}}
+    op = {**OBJECT, "attributes": {"x": "a" * 31_000}}
     ops = [op] * 16
     body = json_size({"batch": ops})
     assert body < 500_000
@@ -1189,7 +1223,12 @@ batch_ops = st.one_of(
         }
     ),
     st.fixed_dictionaries(
-        {"type": st.sampled_from(["object", "delivery"]), "action": names},
+        {
+            "type": st.just("object"),
+            "action": st.sampled_from(["identify", "identify_anonymous", "delete"]),
+            "identifiers": st.fixed_dictionaries({"object_type_id": st.just("1"), "object_id": names})
+            | st.fixed_dictionaries({"cio_object_id": names}),
+        },
         optional={"attributes": data_dicts, "timestamp": timestamps},
     ),
 )
