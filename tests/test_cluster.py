@@ -52,13 +52,14 @@ def nodes(cluster_servers: RedisClusterServers) -> Iterator[list[redis.Redis]]:
 
 @pytest.fixture()
 def settings(cluster_servers: RedisClusterServers, nodes: list[redis.Redis]) -> Settings:
-    return build_settings({"redis_url": cluster_servers.url, "idempotency_lease": 3.0, "timeout": 2.0}, environ={})
+    return build_settings({"redis_url": cluster_servers.url, "idempotency_lease": 3.0, "timeout": 2.0,
+                           "batch_coalesce": False}, environ={})
 
 
 @pytest.fixture()
 def cluster_app(worker_app: Any, cluster_servers: RedisClusterServers, nodes: list[redis.Redis]) -> Iterator[Any]:
     """The embedded worker with its store on the cluster."""
-    configure(worker_app, redis_url=cluster_servers.url)
+    configure(worker_app, redis_url=cluster_servers.url, batch_coalesce=False)
     yield worker_app
     configure(worker_app)
 
