@@ -1,6 +1,7 @@
 """Memory of the idempotency done marks: measured on real deliveries, projected to a week.
 
     python benchmarks/idempotency_memory.py [--ops 10000] [--caller-ops 2000] [--no-cluster]
+    python benchmarks/idempotency_memory.py --encodings     # only the encodings compared (10 s)
 
 1. Real deliveries. A private broker redis-server, a private store redis-server, the fake
    Customer.io and two real ``celery worker`` processes (prefork -c 2, ``tests.worker_app``)
@@ -9,7 +10,10 @@
    ``identify`` operations each with a caller key, are delivered. The store's keyspace memory
    (MEMORY STATS: dataset plus the key tables; client buffers left out) is read before and
    after each phase, and every key left is inspected: type, encoding, expiry.
-2. Density. A mark's cost depends on how many marks share a set: marks per shard and bucket =
+2. Encodings. The same 200,000 marks as one string key each (the previous layout), as 8-byte
+   hash fields (listpack under ``hash-max-listpack-entries``, hashtable over it) and as 64-bit
+   set members (intset under ``set-max-intset-entries``, hashtable over it).
+   Density. A mark's cost depends on how many marks share a set: marks per shard and bucket =
    rate x bucket width / 1,024. For each rate of the table, random marks are written at that
    density into a sample of shards by the done script's own Lua (``mark_done``), and the
    keyspace growth per mark is read. The previous layout (one ``SET key d:<task id> PX``
@@ -59,6 +63,7 @@ from cio_celery.testing.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess, worker_env  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "idempotency_memory.json"
+ENCODINGS = ROOT / "benchmarks" / "results" / "idempotency_encodings.json"
 RATES = (100, 1_000, 2_000, 10_000)
 WEEK = 7 * 86400
 GB = 1e9
@@ -366,6 +371,56 @@ def phase_density() -> tuple[dict[str, Any], float, dict[str, Any]]:
     return out, old, lookup
 
 
+# -- phase 2b: the encodings Redis offers ---------------------------------------------------------
+
+
+def phase_encodings(n: int = 200_000) -> dict[str, Any]:
+    """Bytes per mark of each way to keep n marks, on a fresh server with its default limits:
+    one string key each (the previous layout), hash fields of 8 bytes (listpack under
+    hash-max-listpack-entries, hashtable over it), set members of 64 bits (intset under
+    set-max-intset-entries, hashtable over it)."""
+    rng = random.Random(7)
+    out: dict[str, Any] = {}
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        config: Any = client.config_get("*-max-*-entries")
+        hash_limit = int(config["hash-max-listpack-entries"])
+        set_limit = int(config["set-max-intset-entries"])
+        out["server"] = {k: config[k] for k in ("hash-max-listpack-entries", "set-max-intset-entries")}
+
+        def measure(name: str, write: Callable[[Any, int], None]) -> None:
+            client.flushall()
+            time.sleep(0.2)
+            before = keyspace(client)
+            pipe = client.pipeline(transaction=False)
+            for i in range(n):
+                write(pipe, i)
+                if i % 5000 == 4999:
+                    pipe.execute()
+            pipe.execute()
+            some = next(iter(client.scan_iter(count=10)))
+            out[name] = {"bytes_per_mark": round((keyspace(client) - before) / n, 1),
+                         "encoding": client.object("encoding", some).decode()}
+
+        def digest() -> bytes:
+            return rng.getrandbits(64).to_bytes(8, "big")
+
+        def member() -> int:
+            return rng.getrandbits(64) - (1 << 63)
+
+        measure("string key per mark (SET PX)", lambda p, i: p.set(
+            f"{{cio}}:idem:{rng.getrandbits(256):064x}", f"d:{rng.getrandbits(128):032x}-0000", px=WEEK * 1000))
+        per = max(1, hash_limit - 12)
+        measure(f"hash fields, {per} per hash", lambda p, i: p.hset(f"{{cio}}:h:{i // per}", digest(), b""))
+        measure(f"hash fields, {hash_limit + 100} per hash",
+                lambda p, i: p.hset(f"{{cio}}:h:{i // (hash_limit + 100)}", digest(), b""))
+        per = max(1, set_limit - 12)
+        measure(f"set members, {per} per set", lambda p, i: p.sadd(f"{{cio}}:s:{i // per}", member()))
+        measure(f"set members, {set_limit + 100} per set",
+                lambda p, i: p.sadd(f"{{cio}}:s:{i // (set_limit + 100)}", member()))
+    return out
+
+
 # -- phase 4: lookup cost --------------------------------------------------------------------------
 
 
@@ -455,6 +510,7 @@ def main() -> None:
     parser.add_argument("--caller-ops", type=int, default=2_000)
     parser.add_argument("--no-cluster", action="store_true")
     parser.add_argument("--fill", type=int, default=None, help="marks written per density measured")
+    parser.add_argument("--encodings", action="store_true", help="only compare Redis' encodings (10 s)")
     args = parser.parse_args()
     if args.fill:
         global FILL_MARKS
@@ -462,6 +518,13 @@ def main() -> None:
     started = time.monotonic()
     s = build_settings({}, environ={})
     print(f"defaults: task-id horizon {s.task_key_retention:.0f} s, caller keys {s.caller_key_retention:.0f} s")
+    print("phase 2: encodings ...", flush=True)
+    encodings = phase_encodings()
+    if args.encodings:
+        ENCODINGS.write_text(json.dumps(encodings, indent=2) + "\n")
+        for name, row in encodings.items():
+            print(f"  {name}: {row}")
+        return
     print("phase 2/4: density and lookup cost ...", flush=True)
     density, old_bytes, lookup = phase_density()
     projection = project(density, old_bytes)
@@ -478,6 +541,7 @@ def main() -> None:
                      "retry_horizon_s": s.retry_horizon},
         "deliveries": single,
         "model_at_the_delivery_runs_density": check,
+        "encodings": encodings,
         "density": density,
         "previous_layout_bytes_per_mark": round(old_bytes, 1),
         "projection_week": projection,
@@ -509,6 +573,8 @@ def report(r: dict[str, Any]) -> None:
           f"{d['caller_duplicates_sent_again_reached_customerio']} reached Customer.io, suppressed {d['suppressed']}")
     print(f"  store read events per op {d['store_reads_per_op']}, commands per op {d['store_commands_per_op']}")
     print(f"previous layout: {r['previous_layout_bytes_per_mark']} B per mark")
+    for name, row in r["encodings"].items():
+        print(f"  {name}: {row}")
     for kind, p in r["projection_week"].items():
         print(f"\n{kind}: retention {p['retention_s']:.0f} s, bucket {p['bucket_s']:.0f} s")
         print("  ops/s   B/mark   marks alive      GB (a week)   previous layout GB")
