@@ -212,15 +212,15 @@ class BatchTask(Task):  # type: ignore[misc]
         at = round(time.time(), 6)
         kwargs = dict(kwargs or {})
         kwargs[META_KEY] = {**(kwargs.get(META_KEY) or {}), "at": at}
-        if isinstance(group, list) and ledger_enabled(settings, self.app):
-            # Each item is recorded as its own operation: if this message is lost in transit,
-            # the sweeper republishes them one by one.
+        if ledger_enabled(settings, self.app):
+            # One record for the whole message (not one per item: a drained batch of 1,000 cost
+            # ~500 ms of Lua that way). Lost in transit, the sweeper republishes the batch with
+            # its task id; the items' claims suppress what was already delivered.
+            options["task_id"] = task_id = str(options.get("task_id") or uuid())
             queue = str(options.get("queue") or options.get("routing_key") or settings.fallback_queue)
             try:
                 ledger = Ledger(settings)
-                ledger.record_now([ledger.record_call(f"cio_celery.{e['operation']}", e["task_id"], e["args"],
-                                                      e["kwargs"], queue, at)
-                                   for e in group if isinstance(e, dict) and "task_id" in e and "operation" in e])
+                ledger.record_now([ledger.record_message_call(self.name, task_id, args, kwargs, queue, at)])
             except Exception as exc:  # noqa: BLE001 - the ledger is a safety net; the publish goes on
                 logger.warning("cio_celery ledger: batch not recorded (%s)", type(exc).__name__)
         return super().apply_async(args, kwargs, *rest, **options)
@@ -429,6 +429,8 @@ def act(task: Any, settings: Settings, plan: Plan, guard: BatchGuard) -> Ending:
         if guard.ledger is not None:
             ended = [plan.items[i].task_id for i, o in enumerate(plan.outcomes)
                      if isinstance(o, (Suppressed, DeadLetter, Park))]
+            if plan.retry is None and task.request.id:
+                ended.append(str(task.request.id))  # the batch's own record: every item has an outcome
             if ended:
                 run_pipelined(settings, [guard.ledger.clear_call(ended)])
         alone = [plan.items[i] for i, o in enumerate(plan.outcomes) if o is ALONE]

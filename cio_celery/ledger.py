@@ -157,6 +157,15 @@ class Ledger:
         """
         _writer_for(self.settings).put((self, task, task_id, args, kwargs, queue, at))
 
+    def record_message_call(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None,
+                            at: float) -> ScriptCall:
+        """The record of a message that carries operations but is not one (a batch): written
+        before its publish, so it cannot land after the message ended; the message's task clears
+        it when every operation in it has an outcome."""
+        entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
+                           separators=(",", ":"))
+        return ScriptCall(_WRITE, [self._entries, self._due], [task_id, entry, repr(at + self.grace)])
+
     def record_now(self, calls: list[ScriptCall]) -> None:
         """Record several publishes in one round trip, now (a batch's items)."""
         if calls:

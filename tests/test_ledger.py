@@ -21,6 +21,7 @@ from celery import Celery
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
 from cio_celery.settings import settings_for_app
+from cio_celery.store import key
 from cio_celery.testing import FakeCustomerIO
 from tests.helpers import wait_until
 from tests.workers import WorkerProcess, flush, worker_env
@@ -97,3 +98,35 @@ def test_a_backlog_older_than_the_grace_is_not_republished(rig: dict[str, Any]) 
     assert len(fake.requests) == n, "no queued message was republished"
     assert "ledger republished" not in rig["worker"].log_text()
     assert ledger.depth() == 0
+
+
+def test_a_batch_is_one_record_and_a_lost_batch_is_republished_whole(rig: dict[str, Any]) -> None:
+    """A batch message carries one ledger record (not one per item); lost in the window, the
+    sweeper republishes it with its task id and every item is applied once."""
+    from cio_celery.batching import BATCH_TASK
+    from cio_celery.meta import internal_publish
+    from cio_celery.ulid import new_ulid
+
+    fake: FakeCustomerIO = rig["fake"]
+    producer: Celery = rig["producer"]
+    broker: redis.Redis = rig["broker"]
+    settings = settings_for_app(producer)
+    group = [{"operation": "track", "task_id": f"item-{i}", "args": [f"user-{i}", "batched", {"seq": i},
+                                                                       new_ulid(), None], "kwargs": {}}
+             for i in range(5)]
+    with internal_publish():
+        batch_id = producer.tasks[BATCH_TASK].apply_async(args=[group], queue=settings.fallback_queue).id
+    ledger = Ledger(settings)
+    assert ledger.depth() == 1, "one record for the batch message"
+    client = redis.Redis.from_url(str(settings.redis_url))
+    assert client.zscore(key(settings, "ledger", "due"), batch_id) is not None
+    lost = json.loads(broker.rpop(settings.fallback_queue))  # type: ignore[arg-type]
+    assert lost["headers"]["id"] == batch_id
+    rig["worker"].start(rig["broker_url"])
+    applied = wait_until(lambda: len(fake.applied) == 5 and fake.applied, timeout=ledger.grace + 20,
+                         what="the lost batch to be republished by the ledger")
+    time.sleep(1.0)
+    assert sorted(a.json["attributes"]["seq"] for a in applied) == [0, 1, 2, 3, 4]
+    assert len(fake.applied) == 5, "each item applied once"
+    assert wait_until(lambda: ledger.depth() == 0, timeout=5, what="the batch's record to be cleared")
+    assert "ledger republished 1 operations" in rig["worker"].log_text()
