@@ -28,6 +28,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry
+from celery.utils import uuid
 
 from . import policy
 from .client import clients_for
@@ -329,6 +330,12 @@ def decide(task: Any, plan: Plan, batch_meta: Meta, guard: BatchGuard) -> None:
             if claim is not None and claim.lost_attempts > s.max_retries:
                 plan.outcomes[i] = DeadLetter("worker_lost_repeatedly")
                 guard.hold([pos])
+            elif claim is not None and claim.recovered:
+                # An earlier attempt died mid-call (a batch killed by the time limit, a worker
+                # SIGKILLed): alone from now on, so that an operation that kills its worker
+                # every time is dead-lettered by itself, not with the batch it came in.
+                plan.outcomes[i] = ALONE
+                guard.untried([pos])
             else:
                 claimed.append((pos, i))
         elif claim.state in ("done", "dead"):

@@ -296,11 +296,18 @@ class BatchGuard(_Base):
         self._done: set[int] = set()  # positions delivered
         self._hold: set[int] = set()  # positions whose claims are kept for their dead letters
         self._held: set[int] = set()
+        self._untried: set[int] = set()  # positions sent on alone: released, their attempt markers kept
 
     def __enter__(self) -> BatchGuard:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self._in_doubt:
+            # Interrupted mid-call (the pool's hard time limit terminates the process, a
+            # shutdown): the items may have been applied. Their claims are kept until their
+            # lease ends, and their attempt markers count this attempt, so that a batch that
+            # dies every time ends in dead letters (worker_lost_repeatedly) instead of looping.
+            self._hold |= set(range(len(self._tokens)))
         self.settle()
 
     def take(self, items: Sequence[tuple[str, str, str]], held_slot: int = 0) -> list[Claim | None]:
@@ -364,6 +371,11 @@ class BatchGuard(_Base):
         """Keep these claims at settle: they go to dead letters (see :meth:`dead_mark_calls`)."""
         self._hold |= set(positions)
 
+    def untried(self, positions: Sequence[int]) -> None:
+        """Release these claims at settle without calling: their items go on alone, and their
+        attempt markers keep the count of earlier attempts that died."""
+        self._untried |= set(positions)
+
     def dead_mark_calls(self, position: int) -> list[ScriptCall]:
         """The dead-letter mark of a held claim, to run in one script with its dead letter."""
         token = self._tokens[position] if position < len(self._tokens) else None
@@ -391,7 +403,7 @@ class BatchGuard(_Base):
                 elif i in self._hold:
                     self._held.add(i)
                 else:
-                    calls.append(self.claims.release_call(claim))
+                    calls.append(self.claims.release_call(claim, untried=i in self._untried))
         n_claim = len(calls)
         tail, record, outcome = self._tail_calls()
         if self.ledger is not None and self._done:

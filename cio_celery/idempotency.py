@@ -281,6 +281,18 @@ if is_done(KEYS[2], ARGV[3], ARGV[4], ARGV[1], tonumber(ARGV[2]), now_ms(ARGV[5]
 return ''
 """
 
+# KEYS: claim, attempt marker. ARGV: token. The owner's claim goes, and this attempt is taken
+# back from the marker: it ended without a call (a batch item sent on alone), so it is not lost.
+_RELEASE_UNTRIED = """
+if redis.pcall('GET', KEYS[1]) == 'c:' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  local n = tonumber(redis.pcall('GET', KEYS[2]) or '')
+  if n and n > 0 then redis.call('DECR', KEYS[2]) end
+  return 1
+end
+return 0
+"""
+
 State = Literal["claimed", "done", "held", "dead"]
 
 # The first character of a claim token: the kind of its key, which sets its done mark's life.
@@ -420,8 +432,10 @@ class Claims:
         return ScriptCall(_DEAD, list(claim.keys), [claim.token, self._retention_ms(claim.token), task_id],
                           after_others=True)
 
-    def release_call(self, claim: Claim) -> ScriptCall:
-        return ScriptCall(_RELEASE, list(claim.keys), [claim.token])
+    def release_call(self, claim: Claim, *, untried: bool = False) -> ScriptCall:
+        """Release our claim; ``untried``: the attempt ended without a call, so the attempt marker
+        keeps counting only the earlier attempts that never finished (instead of being cleared)."""
+        return ScriptCall(_RELEASE_UNTRIED if untried else _RELEASE, list(claim.keys), [claim.token])
 
     def done(self, claim: Claim, task_id: str) -> bool:
         """Mark delivered; False when our lease had run out first (another worker may be calling)."""

@@ -51,3 +51,36 @@ def test_an_operation_that_always_hits_the_time_limit_ends_in_dead_letters() -> 
         # max_retries = 2: the third attempt killed mid-call is the last one.
         log = c.workers[0].log_path.read_text()
         assert log.count("Hard time limit (1.0s) exceeded for cio_celery.identify") == 3
+
+
+def test_a_poison_operation_in_a_batch_is_dead_lettered_alone_and_the_rest_delivered_once() -> None:
+    """A batch whose request outlives the time limit every time because of one item: after the
+    first kill each item goes on alone (its attempt marker kept), so only that item ends in
+    dead letters, after max_retries + 1 kills; the others are applied once."""
+    from cio_celery.batching import BATCH_TASK
+    from cio_celery.meta import internal_publish
+    from cio_celery.settings import settings_for_app
+    from cio_celery.ulid import new_ulid
+
+    with chaos_cluster(workers=1, concurrency=1, CIO_MAX_RETRIES="2", **ENV) as c:
+        c.fake.set_slow_for("poison-user", 2.5)
+        users = ["user-0", "user-1", "poison-user", "user-3", "user-4"]
+        group = [{"operation": "track", "task_id": f"item-{i}", "kwargs": {},
+                  "args": [u, "batched", {"seq": i}, new_ulid(), None]} for i, u in enumerate(users)]
+        with internal_publish():
+            c.producer.tasks[BATCH_TASK].apply_async(args=[group],
+                                                     queue=settings_for_app(c.producer).fallback_queue)
+        deadline = time.monotonic() + 60
+        while c.dead_letters().count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        letters = c.dead_letters().list()
+        assert [(d.reason, d.args[0]) for d in letters] == [("worker_lost_repeatedly", "poison-user")]
+        applied = c.applied()
+        # The fake, like Customer.io, applies the slow request after the client is gone; its
+        # re-sends carry the same event id and are ignored: each applied once.
+        assert sorted(applied) == [0, 1, 2, 3, 4] and max(applied.values()) == 1
+        log = c.workers[0].log_path.read_text()
+        # The batch once, then the poison item alone twice: max_retries = 2.
+        assert log.count("Hard time limit (1.0s) exceeded for cio_celery.deliver_batch") == 1
+        assert log.count("Hard time limit (1.0s) exceeded for cio_celery.track") == 2

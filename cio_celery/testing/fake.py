@@ -280,6 +280,7 @@ class FakeCustomerIO:
 
         self._scripted: deque[_Fault] = deque()
         self._latency = 0.0
+        self._slow_for: tuple[bytes, float] | None = None
         self._failure_rate = 0.0
         self._failure_fault: _Fault | None = None
         self._random_faults: list[tuple[float, _Fault]] = []
@@ -509,6 +510,14 @@ class FakeCustomerIO:
         with self._lock:
             self._latency = float(seconds)
 
+    def set_slow_for(self, marker: str | None, seconds: float = 0.0) -> None:
+        """Delay by ``seconds`` (instead of the latency) every API request whose path or body
+        contains ``marker``, e.g. one customer id, alone or among a batch's items; None stops it.
+        For a poison operation: one that outlives the worker's time limit every time."""
+        _check_seconds("latency", seconds)
+        with self._lock:
+            self._slow_for = None if marker is None else (marker.encode(), float(seconds))
+
     def set_failure_rate(self, rate: float, status: int = 503, retry_after: float | None = None) -> None:
         """Fail a random (seeded) fraction ``rate`` of requests with ``status``."""
         if not 0.0 <= rate <= 1.0:
@@ -602,6 +611,7 @@ class FakeCustomerIO:
             self._rate_seen.clear()
             self._scripted.clear()
             self._latency = 0.0
+            self._slow_for = None
             self._failure_rate = 0.0
             self._failure_fault = None
             self._random_faults = []
@@ -700,6 +710,8 @@ class FakeCustomerIO:
         authorized = self._authorized(route.api, headers)
         with self._lock:
             latency = self._latency
+            if self._slow_for is not None and (self._slow_for[0] in body or self._slow_for[0] in path.encode()):
+                latency = self._slow_for[1]
             predicate = self._batch_item_predicate
             fault = self._next_fault_locked() if authorized else None
             if fault is None and authorized:
