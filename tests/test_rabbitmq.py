@@ -16,6 +16,7 @@ from celery import Celery
 
 import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
 from cio_celery.checks import check_configuration, recommended_celery_config
+from cio_celery.exceptions import ValidationError
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer
 from tests.rabbitmq import RabbitMQNode, skip_without_rabbitmq
@@ -192,9 +193,14 @@ def test_a_countdown_held_past_consumer_timeout_stops_the_worker_and_is_applied_
             longer = producer_for(node.url, env, tmp_path, cio_visibility_timeout=3600.0,
                                   broker_transport_options=declared)
             assert errors(longer) == ["cio_visibility_timeout"]
-            # A countdown of 8 s held by the worker: RabbitMQ times the delivery out after 3 s.
+            # A caller's countdown of 8 s is refused at enqueue by the app whose settings fit the
+            # broker (max_countdown is below consumer_timeout) ...
+            with pytest.raises(ValidationError, match="countdown is 8 s away"):
+                app.tasks["cio_celery.track"].apply_async(("user-1", "held", {"seq": 1}), countdown=8)
+            # ... and what it prevents, shown through the app that declared a longer visibility
+            # timeout: the worker holds the message, RabbitMQ times the delivery out after 3 s.
             published = time.monotonic()
-            app.tasks["cio_celery.track"].apply_async(("user-1", "held", {"seq": 1}), countdown=8)
+            longer.tasks["cio_celery.track"].apply_async(("user-1", "held", {"seq": 1}), countdown=8)
             assert worker.proc is not None
             worker.proc.wait(20)
             stopped_after = time.monotonic() - published
