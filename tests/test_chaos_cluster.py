@@ -111,6 +111,7 @@ def run_scenario(monkeypatch: pytest.MonkeyPatch, name: str, scenario: Callable[
         print(f"\ncluster store: {name} passed in {time.monotonic() - started:.0f} s")
 
 
+@pytest.mark.full
 def test_faults_5xx_timeouts_and_429_bursts_with_the_store_on_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     run_scenario(monkeypatch, "faults",
                  test_chaos.test_5000_operations_under_5xx_timeouts_and_429_bursts_are_each_applied_once)
@@ -120,6 +121,7 @@ def test_a_worker_sigkilled_three_times_with_the_store_on_a_cluster(monkeypatch:
     run_scenario(monkeypatch, "sigkill", test_chaos.test_a_worker_sigkilled_three_times_loses_nothing)
 
 
+@pytest.mark.full
 def test_a_20_second_outage_with_the_store_on_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     run_scenario(monkeypatch, "outage_20s",
                  test_chaos.test_a_20_second_outage_trips_the_breaker_parks_and_delivers_everything_once_after)
@@ -131,6 +133,7 @@ def test_the_whole_store_cluster_stopped_5s_with_the_store_on_a_cluster(monkeypa
                  test_chaos.test_the_store_redis_alone_stopped_5s_under_2000_operations_loses_nothing)
 
 
+@pytest.mark.full
 def test_one_caller_key_twice_with_the_store_on_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     run_scenario(monkeypatch, "caller_key_twice",
                  test_chaos.test_the_same_operation_enqueued_twice_with_one_caller_key_is_applied_once)

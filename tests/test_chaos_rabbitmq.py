@@ -144,6 +144,7 @@ def test_rabbitmq_stopped_and_then_sigkilled_under_load_loses_nothing(node: Rabb
                seconds=round(time.monotonic() - started, 1))
 
 
+@pytest.mark.full
 def test_rabbitmq_down_5s_while_the_app_enqueues_500_operations(node: RabbitMQNode, tmp_path: Path) -> None:
     n, down = 500, 5.0
     with chaos_cluster(workers=2, concurrency=2, broker="rabbitmq", rabbitmq=node, tmp=tmp_path) as c:
@@ -183,6 +184,7 @@ def test_rabbitmq_down_5s_while_the_app_enqueues_500_operations(node: RabbitMQNo
                seconds_to_deliver_all_after_broker_back=round(took, 1), requests=c.fake.stats["received"])
 
 
+@pytest.mark.full
 def test_rabbitmq_with_the_store_down_3s_under_load_loses_nothing(node: RabbitMQNode) -> None:
     n, pace = 800, 4.0
     with chaos_cluster(workers=2, concurrency=2, broker="rabbitmq", rabbitmq=node) as c:
@@ -206,6 +208,7 @@ def test_rabbitmq_with_the_store_down_3s_under_load_loses_nothing(node: RabbitMQ
                seconds=round(time.monotonic() - started, 1))
 
 
+@pytest.mark.full
 def test_rabbitmq_customerio_down_10s_trips_the_breaker_parks_and_delivers_everything_once_after(
     node: RabbitMQNode,
 ) -> None:
