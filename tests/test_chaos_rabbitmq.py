@@ -208,7 +208,6 @@ def test_rabbitmq_with_the_store_down_3s_under_load_loses_nothing(node: RabbitMQ
                seconds=round(time.monotonic() - started, 1))
 
 
-@pytest.mark.full
 def test_rabbitmq_customerio_down_10s_trips_the_breaker_parks_and_delivers_everything_once_after(
     node: RabbitMQNode,
 ) -> None:
