@@ -22,13 +22,19 @@ pytest_plugins = ["cio_celery.testing.pytest_plugin"]
 FULL_RUN = os.environ.get("CIO_FULL") == "1"
 
 
+# Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) the scenarios that run worker
+# subprocesses through faults, kills and outages go one at a time, in one process.
+SERIAL_FILES = {"test_faults.py", "test_time_limit.py", "test_warm_shutdown.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if FULL_RUN:
-        return
     skip = pytest.mark.skip(reason="a long variant (CIO_FULL=1 runs it)")
     for item in items:
-        if item.get_closest_marker("full") is not None:
+        if item.get_closest_marker("full") is not None and not FULL_RUN:
             item.add_marker(skip)
+        if item.get_closest_marker("chaos") is not None or item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.xdist_group("serial"))
 
 BROKER_DB = 0
 STORE_DB = 1
@@ -36,9 +42,10 @@ STORE_DB = 1
 
 @pytest.fixture(scope="session")
 def redis_base_url() -> Iterator[str]:
-    """``CIO_TEST_REDIS_URL`` when CI started Redis, else a private redis-server."""
+    """``CIO_TEST_REDIS_URL`` when CI started Redis, else a private redis-server (always
+    private under pytest-xdist: each process's fixtures use the same database numbers)."""
     url = os.environ.get("CIO_TEST_REDIS_URL")
-    if url:
+    if url and not os.environ.get("PYTEST_XDIST_WORKER"):
         yield url.rstrip("/")
         return
     with RedisServer() as server:

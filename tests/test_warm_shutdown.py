@@ -40,7 +40,7 @@ def test_sigterm_finishes_in_flight_deliveries_and_leaves_the_rest_queued() -> N
         # Everything that had reached Customer.io was finished (and acked), not cut off.
         assert sum(finished.values()) == operations_sent(c.fake.requests) >= in_flight
         assert sum(finished.values()) < n, "the worker stopped taking new work"
-        assert "Warm shutdown" in worker.log_path.read_text()
+        assert "Warm shutdown" in worker.log_text()
         c.fake.set_latency(0)
         worker.start(c.broker_url)
         wait_all_applied(c, n, timeout=30)
