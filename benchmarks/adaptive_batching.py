@@ -89,8 +89,8 @@ def producer_app(broker: str, store: str, spool: str, **conf: Any) -> Any:
     import cio_celery.tasks  # noqa: F401  (registers the shared tasks)
 
     app = Celery("bench-producer", broker=broker, set_as_current=False)
-    app.conf.update(cio_redis_url=store, cio_spool_dir=spool, broker_connection_retry_on_startup=True,
-                    cio_rate_limit_track=100, **conf)
+    app.conf.update({"cio_redis_url": store, "cio_spool_dir": spool, "broker_connection_retry_on_startup": True,
+                     "cio_rate_limit_track": 100, **conf})
 
     @app.task(name="bench.noop", ignore_result=True)
     def noop(seq: int) -> None:  # the name only: the workers run bench_app's
