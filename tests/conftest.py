@@ -24,7 +24,10 @@ FULL_RUN = os.environ.get("CIO_FULL") == "1"
 
 # Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) the scenarios that run worker
 # subprocesses through faults, kills and outages go one at a time, in one process.
-SERIAL_FILES = {"test_faults.py", "test_time_limit.py", "test_warm_shutdown.py"}
+# test_breaker_cluster measures calls inside breaker windows of about a second; the health, CLI
+# and Flower tests wait on real workers with short timeouts (two runs in parallel met them).
+SERIAL_FILES = {"test_faults.py", "test_time_limit.py", "test_warm_shutdown.py", "test_breaker_cluster.py",
+                "test_health.py", "test_cli.py", "test_flower.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -443,7 +443,10 @@ def test_a_real_dead_letter_is_replayed_and_delivered_by_a_worker(
     """A worker dead-letters a 400; the CLI (the installed entry point) replays it; the worker delivers."""
     env = {**cli_env, "CIO_SITE_ID": fake.site_id, "CIO_TRACK_API_KEY": fake.track_api_key,
            "CIO_APP_API_KEY": fake.app_api_key, "CIO_TRACK_URL": fake.url, "CIO_APP_URL": fake.url,
-           "CIO_TIMEOUT": "2"}
+           "CIO_TIMEOUT": "2",
+           # One request per operation: the scripted 400 must meet the identify itself, not a
+           # batch it was coalesced into because a loaded machine made its message wait.
+           "CIO_BATCH_COALESCE": "0"}
     worker = WorkerProcess(env, concurrency=1, name="cli", log_dir=tmp_path).start(cli_env["CELERY_BROKER_URL"])
     try:
         fake.fail_next(status=400)

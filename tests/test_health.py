@@ -197,7 +197,9 @@ def test_missing_credentials_are_named_at_start_in_health_and_replayed_by_reason
         assert replayed.returncode == 0, replayed.stderr
         assert report(replayed)["replayed"] == 2
         applied = fake.wait_for_applied(2, timeout=20)
-        assert sorted(a.operation for a in applied) == ["identify", "track"]
+        # Alone, or as batch items when their messages waited (a loaded machine).
+        alone = {"batch:event": "track", "batch:identify": "identify"}
+        assert sorted(alone.get(a.operation, a.operation) for a in applied) == ["identify", "track"]
         assert cio(env, "status", *ANSWER).returncode == 0
     finally:
         fixed.stop()
