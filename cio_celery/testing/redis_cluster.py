@@ -17,6 +17,8 @@ from typing import Any
 
 import redis
 
+from .redis_server import RedisServer
+
 __all__ = ["RedisClusterServers", "free_cluster_port"]
 
 
@@ -37,15 +39,6 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair (port, port + 10000) on 127.0.0.1")
 
 
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _cluster_info(port: int) -> dict[str, str]:
     """``CLUSTER INFO`` of one node, as text fields."""
     client: Any = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
@@ -59,61 +52,11 @@ def _cluster_info(port: int) -> dict[str, str]:
     return {str(k): str(v) for k, v in dict(raw).items()}
 
 
-class _Node:
-    """One master of the cluster."""
-
-    def __init__(self, executable: str, port: int, data_dir: Path, appendonly: bool, node_timeout_ms: int) -> None:
-        self.executable = executable
-        self.port = port
-        self.data_dir = data_dir
-        self.appendonly = appendonly
-        self.node_timeout_ms = node_timeout_ms
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(self.node_timeout_ms),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction",
-            "--loglevel", "warning",
-            "--protected-mode", "yes",
-        ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server (cluster node {self.port}) exited with {self.process.returncode}")
-            if _ping(self.port):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"cluster node {self.port} did not answer within {timeout}s")
-
-    def stop(self, kill: bool = False) -> None:
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+def _node(executable: str, port: int, data_dir: Path, appendonly: bool, node_timeout_ms: int) -> RedisServer:
+    """One master of the cluster: a private redis-server with cluster mode on."""
+    return RedisServer(port=port, appendonly=appendonly, executable=executable, data_dir=str(data_dir),
+                       extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                   "--cluster-node-timeout", str(node_timeout_ms)])
 
 
 class RedisClusterServers:
@@ -138,7 +81,7 @@ class RedisClusterServers:
             port = free_cluster_port()
             if port not in ports:
                 ports.append(port)
-        self.nodes = [_Node(exe, p, self.data_dir / str(p), appendonly, node_timeout_ms) for p in ports]
+        self.nodes = [_node(exe, p, self.data_dir / str(p), appendonly, node_timeout_ms) for p in ports]
 
     @property
     def url(self) -> str:
@@ -146,7 +89,7 @@ class RedisClusterServers:
 
     @property
     def node_urls(self) -> list[str]:
-        return [f"redis://{n.address}" for n in self.nodes]
+        return [n.url for n in self.nodes]
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
         for node in self.nodes:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["RedisServer", "free_port"]
@@ -20,7 +21,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Start, stop and restart a private ``redis-server`` (AOF optional) on 127.0.0.1."""
+    """Start, stop and restart a private ``redis-server`` (AOF optional) on 127.0.0.1;
+    ``extra_args`` go to the command line as they are (a cluster node's, for one)."""
 
     def __init__(
         self,
@@ -28,6 +30,7 @@ class RedisServer:
         appendonly: bool = False,
         executable: str | None = None,
         data_dir: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -37,13 +40,19 @@ class RedisServer:
         self.executable = exe
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="cio-redis-"))
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{self.address}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.executable,
             "--port", str(self.port),
@@ -55,6 +64,7 @@ class RedisServer:
             "--maxmemory-policy", "noeviction",
             "--loglevel", "warning",
             "--protected-mode", "yes",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         deadline = time.monotonic() + timeout
