@@ -134,20 +134,24 @@ class Ledger:
         self._due = key(settings, "ledger", "due")
         self.grace = grace_of(settings)
 
-    def record_call(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None,
-                    at: float) -> ScriptCall:
+    def _write_args(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None,
+                    at: float) -> list[str]:
+        """_WRITE's arguments: the task id, the entry (what the sweeper republishes), its due time."""
         entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
                            separators=(",", ":"))
+        return [task_id, entry, repr(at + self.grace)]
+
+    def record_call(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None,
+                    at: float) -> ScriptCall:
+        written = self._write_args(task, task_id, args, kwargs, queue, at)
         meta = kwargs.get(META_KEY) if isinstance(kwargs, dict) else None
         operation = task.rsplit(".", 1)[-1]
         idem_key = meta.get("key") if isinstance(meta, dict) else None
         w = Claims(self.settings).where(operation, idem_key if isinstance(idem_key, str) else task_id)
-        due = repr(at + self.grace)
         if is_cluster(self.settings):
-            return RecordCall(_WRITE, [self._entries, self._due], [task_id, entry, due],
+            return RecordCall(_WRITE, [self._entries, self._due], written,
                               check=ScriptCall(_ENDED, [w.claim, w.index], [task_id, *w.lookup_args]))
-        return RecordCall(_RECORD, [self._entries, self._due, w.claim, w.index], [task_id, entry, due,
-                                                                                  *w.lookup_args])
+        return RecordCall(_RECORD, [self._entries, self._due, w.claim, w.index], [*written, *w.lookup_args])
 
     def record(self, task: str, task_id: str, args: Any, kwargs: Any, queue: str | None, at: float) -> None:
         """Record one publish in the background (this process's writer); never raises, never waits.
@@ -162,12 +166,10 @@ class Ledger:
         """The record of a message that carries operations but is not one (a batch): written
         before its publish, so it cannot land after the message ended; the message's task clears
         it when every operation in it has an outcome."""
-        entry = json.dumps({"task": task, "args": args, "kwargs": kwargs, "queue": queue, "at": at},
-                           separators=(",", ":"))
-        return ScriptCall(_WRITE, [self._entries, self._due], [task_id, entry, repr(at + self.grace)])
+        return ScriptCall(_WRITE, [self._entries, self._due], self._write_args(task, task_id, args, kwargs, queue, at))
 
     def record_now(self, calls: list[ScriptCall]) -> None:
-        """Record several publishes in one round trip, now (a batch's items)."""
+        """Write records now, in one round trip (two on a cluster store): a batch message's."""
         if calls:
             write_records(self.settings, calls)
 
