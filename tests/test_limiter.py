@@ -90,13 +90,15 @@ def test_a_429_pauses_every_worker(store: redis.Redis, store_url: str) -> None:
     assert other.acquire("transactional").granted
 
 
-def _hammer(store_url: str, start_at: float, seconds: float, out: Any) -> None:
+def _hammer(store_url: str, ready: Any, go: Any, start_at: Any, seconds: float, out: Any) -> None:
     """Ask as a task does: take a grant, or wait for the reserved slot and present it."""
     lim = limiter(store_url, rate_limit_track=50.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.0)
+    lim.acquire("transactional")  # connected and the script loaded before the window opens
+    ready.put(1)
+    go.wait(60)
     granted = 0
     held = 0
-    time.sleep(max(0.0, start_at - time.time()))
-    while time.time() < start_at + seconds:
+    while time.time() < start_at.value + seconds:
         answer = lim.acquire("track", held)
         if answer.granted:
             granted += 1
@@ -110,12 +112,17 @@ def _hammer(store_url: str, start_at: float, seconds: float, out: Any) -> None:
 def test_processes_share_one_rate(store: redis.Redis, store_url: str) -> None:
     """Four processes asking as fast as they can get 50/s between them, not 50/s each."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     seconds = 2.0
-    start_at = time.time() + 3.0  # the same wall-clock window for all, whatever their start-up time
-    procs = [ctx.Process(target=_hammer, args=(store_url, start_at, seconds, out)) for _ in range(4)]
+    procs = [ctx.Process(target=_hammer, args=(store_url, ready, go, start_at, seconds, out)) for _ in range(4)]
     for p in procs:
         p.start()
+    # The window opens once all four have imported and connected: a fixed head start was not
+    # enough on a loaded CI machine (the processes began 0.6 s into a 2 s window, and got 69).
+    for _ in procs:
+        ready.get(timeout=60)
+    start_at.value = time.time()
+    go.set()
     total = sum(out.get(timeout=30) for _ in procs)
     for p in procs:
         p.join(10)
