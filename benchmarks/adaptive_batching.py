@@ -48,7 +48,7 @@ from cio_celery.testing import FakeCustomerIO  # noqa: E402
 from cio_celery.testing.redis_server import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "adaptive_batching.json"
-QUEUES = "cio,cio.fallback,bare,noop"
+QUEUES = "cio,cio.send,cio.fallback,bare,noop"
 
 
 def worker_env(fake: FakeCustomerIO, broker: str, store: str, **extra: str) -> dict[str, str]:

@@ -81,7 +81,8 @@ def run_mode(mode: str, n: int, env: dict[str, str], fake: FakeCustomerIO, store
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-P", "prefork",
-             "-c", str(concurrency), "-Q", "cio,cio.fallback", "-n", f"drain-{mode}@%h", "--loglevel", "WARNING",
+             "-c", str(concurrency), "-Q", "cio,cio.send,cio.fallback", "-n", f"drain-{mode}@%h",
+             "--loglevel", "WARNING",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             env=env, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
         )

@@ -4,7 +4,7 @@
 
 A private redis-server (broker in db 0, cio_celery store in db 1), a FakeCustomerIO in
 outage (every request 503) and one real ``celery worker`` (prefork, concurrency 2, queues
-``cio,cio.fallback``, app ``tests.worker_app``) whose breaker trips after 3 failures and
+``cio,cio.send,cio.fallback``, app ``tests.worker_app``) whose breaker trips after 3 failures and
 then stays open (open_base 300 s) for the whole run. After the trip the benchmark takes
 the resident memory (VmRSS) of the worker's main process and of each pool process,
 publishes ``--ops`` ``cio_celery.track`` operations, waits until the worker has parked all
@@ -93,7 +93,7 @@ class Worker:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-P", "prefork",
-                 "-c", "2", "-Q", "cio,cio.fallback", "-n", "bench@%h", "--loglevel", self.loglevel,
+                 "-c", "2", "-Q", "cio,cio.send,cio.fallback", "-n", "bench@%h", "--loglevel", self.loglevel,
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 env=self.env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
             )
@@ -290,7 +290,8 @@ def run(ops: int, loglevel: str) -> dict[str, Any]:
     return {
         "benchmark": "parked_memory",
         "machine": machine_info,
-        "config": {"ops": ops, "worker": "celery worker -P prefork -c 2 -Q cio,cio.fallback (tests.worker_app)",
+        "config": {"ops": ops,
+                   "worker": "celery worker -P prefork -c 2 -Q cio,cio.send,cio.fallback (tests.worker_app)",
                    "loglevel": loglevel, "prefetch_multiplier": 1, "acks_late": True, **BREAKER_ENV},
         "ops_parked": ops,
         "fallback_depth": final_depth,

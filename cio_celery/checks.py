@@ -463,7 +463,7 @@ def _cio_queue_declarations(app: Any, s: Settings | None) -> list[Any]:
     s = s or Settings()
     queues = app.amqp.queues
     out = []
-    for name in dict.fromkeys((s.queue, s.fallback_queue)):
+    for name in s.queues:
         queue = dict.get(queues, name)  # dict.get: Queues.__missing__ would add the queue to the app
         out.append(queue if queue is not None else queues.new_missing(name))
     return out
@@ -704,20 +704,26 @@ def _check_countdowns(s: Settings, kind: str = "redis") -> list[ConfigProblem]:
 def _check_queues(app: Any, s: Settings, queues: Collection[str]) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     consumed = set(queues)
+    fix = f"start workers with -Q {','.join(s.queues)}"
     # With task_routes the operations go where the routes send them (tasks.CioTask.apply_async).
     if not app.conf.task_routes and s.queue not in consumed:
         problems.append(ConfigProblem(
             _env("queue"),
-            f"queue {s.queue!r} is not consumed by this worker: it runs none of the operations sent there; "
-            f"start workers with -Q {s.queue},{s.fallback_queue}",
+            f"queue {s.queue!r} is not consumed by this worker: it runs none of the operations sent there; {fix}",
+            WARNING,
+        ))
+    if not app.conf.task_routes and s.send_queue not in consumed and s.send_queue != s.queue:
+        problems.append(ConfigProblem(
+            _env("send_queue"),
+            f"queue {s.send_queue!r} is not consumed by this worker: it runs none of the transactional sends "
+            f"(send_email, send_push, send_sms) sent there; {fix}",
             WARNING,
         ))
     if s.fallback_queue not in consumed:
         problems.append(ConfigProblem(
             _env("fallback_queue"),
             f"queue {s.fallback_queue!r} is not consumed by this worker: operations parked during an outage "
-            "are released to it (by any worker's releaser) and wait there until a worker consumes it; "
-            f"start workers with -Q {s.queue},{s.fallback_queue}",
+            f"are released to it (by any worker's releaser) and wait there until a worker consumes it; {fix}",
             WARNING,
         ))
     return problems

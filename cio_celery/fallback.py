@@ -103,7 +103,7 @@ class Fallback:
         if buffer == "coalesce":
             self._list = key(settings, "coalesce")
             self._lock = key(settings, "coalesce", "drainer")
-            # Not behind the backlog of the main queue: workers fetch from both queues in turn.
+            # Not behind the backlog of the main queue: workers fetch from their queues in turn.
             self.queue = settings.fallback_queue
             self.max_bytes = 0  # bounded by the admission (COALESCE_MAX entries)
         else:

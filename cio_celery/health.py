@@ -8,7 +8,7 @@ Healthy means nothing below is wrong. Each problem has a name, a message and the
 - ``broker_unreachable``: nothing answers at the broker's address from this host;
 - ``broker_publish_failing``: the broker answers but this process cannot publish to it
   (a transport that cannot be imported, refused credentials, a read-only or full Redis);
-- ``queue_not_consumed``: no worker consumes ``cio`` or ``cio.fallback`` (one per queue);
+- ``queue_not_consumed``: no worker consumes ``cio``, ``cio.send`` or ``cio.fallback`` (one per queue);
 - ``track_credentials_missing``, ``app_credentials_missing``: the workers (or, when none
   answers, this process) lack the credentials of an operation family;
 - ``spool_stale``: this host's enqueue spool holds operations older than ``max_spool_age``;
@@ -124,7 +124,7 @@ class HealthReport:
     spool_oldest_seconds: float | None = None
     #: ``{"transport", "reachable", "publish_ok"}``; None when not checked.
     broker: dict[str, Any] | None = None
-    #: ``{queue: {"depth", "consumers", "workers"}}`` for ``cio`` and ``cio.fallback``.
+    #: ``{queue: {"depth", "consumers", "workers"}}`` for ``cio``, ``cio.send`` and ``cio.fallback``.
     queues: dict[str, dict[str, Any]] | None = None
     #: ``{"track": bool, "app": bool, "source": "workers" | "this process"}``.
     credentials: dict[str, Any] | None = None
@@ -391,7 +391,8 @@ class _Builder:
             self.add("ledger_overdue", f"{_n(late, 'operation', 'operations')} of the delivery ledger "
                      f"{'is' if late == 1 else 'are'} overdue by more than "
                      f"{limit:.0f} s (the oldest by {oldest:.0f} s): no fallback releaser has swept them, so an "
-                     "operation lost in transit is not republished", "run at least one worker (-Q cio,cio.fallback): "
+                     "operation lost in transit is not republished",
+                     "run at least one worker (-Q cio,cio.send,cio.fallback): "
                      f"its fallback releaser sweeps the ledger every {period:.0f} s; if one runs, look in its log for "
                      "`fallback releaser:` errors (store or broker unreachable); a queue backlog older than the "
                      "grace keeps entries overdue until it drains (docs/runbook.md)")
@@ -516,7 +517,7 @@ class _Builder:
                 self.add("queue_not_consumed", f"no worker consumes queue {name!r}"
                          + (f" ({waiting} operations waiting)" if waiting else ""),
                          f"start workers with -Q {','.join(queues)} (celery -A proj worker -Q {','.join(queues)} -E)",
-                         setting="CIO_QUEUE" if s is not None and name == s.queue else "CIO_FALLBACK_QUEUE")
+                         setting=_queue_setting(s, name))
         return replies
 
     # -- credentials ----------------------------------------------------------------------
@@ -624,8 +625,17 @@ def _url_reachable(app: Any) -> bool | None:
         return False
 
 
+def _queue_setting(s: Settings | None, name: str) -> str:
+    """The variable that names a queue (the first that does, as in ``Settings.queues``)."""
+    s = s or Settings()
+    for setting in ("queue", "send_queue", "fallback_queue"):
+        if getattr(s, setting) == name:
+            return f"CIO_{setting.upper()}"
+    return "CIO_QUEUE"
+
+
 def _queue_names(s: Settings | None) -> list[str]:
-    return [s.queue, s.fallback_queue] if s is not None else ["cio", "cio.fallback"]
+    return (s or Settings()).queues
 
 
 def _declare_passive(conn: Any, name: str) -> tuple[int, int]:

@@ -89,7 +89,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("key_prefix", "CIO_KEY_PREFIX", _str, "Prefix of every Redis key (used as a hash tag)."),
     Setting("timeout", "CIO_TIMEOUT", float, "HTTP timeout in seconds for one Customer.io request."),
-    Setting("queue", "CIO_QUEUE", _str, "Celery queue the operations are sent to."),
+    Setting("queue", "CIO_QUEUE", _str, "Celery queue the operations are sent to (transactional sends aside)."),
+    Setting("send_queue", "CIO_SEND_QUEUE", _str,
+        "Celery queue the transactional sends (send_email, send_push, send_sms) go to: their own lane, so a "
+        "backlog of batchable operations does not delay them; set it to the `queue` value to share one queue.",
+    ),
     Setting("fallback_queue", "CIO_FALLBACK_QUEUE", _str,
         "Queue that parked operations are released to after an outage.",
     ),
@@ -270,6 +274,7 @@ class Settings:
     key_prefix: str = "cio"
     timeout: float = 10.0
     queue: str = "cio"
+    send_queue: str = "cio.send"
     fallback_queue: str = "cio.fallback"
     max_retries: int = 8
     retry_backoff_base: float = 2.0
@@ -330,6 +335,17 @@ class Settings:
     @property
     def app_base_url(self) -> str:
         return (self.app_url or REGION_HOSTS[self.region][1]).rstrip("/")
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues a worker must consume, in ``-Q`` order: operations, sends, released parked ones."""
+        return list(dict.fromkeys((self.queue, self.send_queue, self.fallback_queue)))
+
+    def queue_for(self, operation: str) -> str:
+        """Where an operation is published when no ``task_routes`` say otherwise."""
+        from .limiter import bucket_of
+
+        return self.send_queue if bucket_of(operation) == "transactional" else self.queue
 
     @property
     def max_countdown(self) -> float:
@@ -551,6 +567,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("breaker_on_store_error", "must be 'retry' or 'allow'")
     if not s.queue or not s.fallback_queue or s.queue == s.fallback_queue:
         raise ConfigurationError("fallback_queue", "must be non-empty and differ from queue")
+    if not s.send_queue or s.send_queue == s.fallback_queue:
+        raise ConfigurationError("send_queue", "must be non-empty and differ from fallback_queue")
     _ambiguous_map(s.ambiguous_sends)
     for name in ("enqueue_timeout", "spool_flush_interval"):
         if not getattr(s, name) > 0:

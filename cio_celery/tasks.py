@@ -166,7 +166,7 @@ class CioTask(Task):  # type: ignore[misc]
             options.setdefault("argsrepr", _hidden(len(nargs_list), "arg"))
             options.setdefault("kwargsrepr", _hidden(len(nkwargs) - 1, "kwarg"))
         if "queue" not in options and not self.app.conf.task_routes:
-            options["queue"] = settings.queue
+            options["queue"] = settings.queue_for(self.operation)
         # A hard limit only: a soft one would raise inside the HTTP call. A killed attempt is
         # requeued (reject_on_worker_lost) and its claim ends with the lease.
         options.setdefault("time_limit", settings.task_time_limit)
@@ -228,7 +228,7 @@ class CioTask(Task):  # type: ignore[misc]
         """Record the publish in the delivery ledger (see ledger.py), in the background."""
         if not ledger_enabled(settings, self.app):
             return
-        queue = options.get("queue") or options.get("routing_key") or settings.queue
+        queue = options.get("queue") or options.get("routing_key") or settings.queue_for(self.operation)
         Ledger(settings).record(self.name, task_id, args, kwargs, str(queue), at)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:

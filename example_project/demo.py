@@ -60,7 +60,7 @@ def main() -> int:
         say(f"redis-server on {redis_server.url}, fake Customer.io on {fake.url}")
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "example_project.celery_app", "worker",
-             "-Q", "cio,cio.fallback", "-c", "2", "--loglevel", "WARNING", "-n", "demo@%h"],
+             "-Q", "cio,cio.send,cio.fallback", "-c", "2", "--loglevel", "WARNING", "-n", "demo@%h"],
             env=env, cwd=str(ROOT),
         )
         try:

@@ -147,7 +147,7 @@ def chaos_cluster(
 
     ``broker="rabbitmq"``: a RabbitMQ node as broker (``rabbitmq``, a running
     tests.rabbitmq.RabbitMQNode the caller owns, else one started here) and always a separate
-    Redis store; the ``cio`` and ``cio.fallback`` queues are deleted first.
+    Redis store; the ``cio``, ``cio.send`` and ``cio.fallback`` queues are deleted first.
     """
     with ExitStack() as stack:
         node: Broker
@@ -158,7 +158,7 @@ def chaos_cluster(
                 rabbitmq = stack.enter_context(RabbitMQNode())
             elif rabbitmq.process is None:
                 rabbitmq.start()  # a scenario before this one left it stopped
-            rabbitmq.delete_queues("cio", "cio.fallback")
+            rabbitmq.delete_queues("cio", "cio.send", "cio.fallback")
             node = rabbitmq
             store = stack.enter_context(RedisServer(appendonly=True))
             broker_url = rabbitmq.url

@@ -108,7 +108,7 @@ def celery_includes() -> list[str]:
 
 @pytest.fixture(scope="session")
 def celery_worker_parameters() -> dict[str, Any]:
-    return {"queues": ("cio", "cio.fallback", "celery"), "shutdown_timeout": 10.0}
+    return {"queues": ("cio", "cio.send", "cio.fallback", "celery"), "shutdown_timeout": 10.0}
 
 
 @pytest.fixture()

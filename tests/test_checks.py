@@ -26,7 +26,7 @@ from cio_celery.checks import (
 from cio_celery.settings import Settings
 
 PASSWORD = "s3cretpw"
-QUEUES = ("cio", "cio.fallback")
+QUEUES = ("cio", "cio.send", "cio.fallback")
 
 
 def make_app(broker: str, **conf: Any) -> Celery:
@@ -204,13 +204,16 @@ def test_queues_not_consumed(good_app: Celery) -> None:
     problems = check_configuration(good_app, consumer_queues=["celery"])
     assert "'cio'" in only(problems, "CIO_QUEUE", "warning").problem
     assert "'cio.fallback'" in only(problems, "CIO_FALLBACK_QUEUE", "warning").problem
+    assert "transactional sends" in only(problems, "CIO_SEND_QUEUE", "warning").problem
+    assert "-Q cio,cio.send,cio.fallback" in only(problems, "CIO_SEND_QUEUE", "warning").problem
+    assert by_setting(check_configuration(good_app, consumer_queues=["cio", "cio.fallback"]), "CIO_SEND_QUEUE")
     assert check_configuration(good_app, consumer_queues=QUEUES) == []
 
 
 def test_queue_check_defers_to_task_routes(broker_url: str) -> None:
     conf = {**recommended_celery_config(Settings()), "task_routes": {"cio_celery.*": {"queue": "mail"}}}
     problems = check_configuration(make_app(broker_url, **conf), consumer_queues=["mail"])
-    assert by_setting(problems, "CIO_QUEUE") == []
+    assert by_setting(problems, "CIO_QUEUE") == [] and by_setting(problems, "CIO_SEND_QUEUE") == []
     only(problems, "CIO_FALLBACK_QUEUE", "warning")  # released with an explicit queue, routes or not
 
 
@@ -411,7 +414,7 @@ def test_quorum_queues_need_native_delayed_delivery() -> None:
         pytest.skip("Celery without task_create_missing_queue_type")
     quorum = {"task_create_missing_queue_type": "quorum"}
     p = only(check_configuration(amqp_app(**quorum)), "task_queues", "warning")
-    assert "queues 'cio', 'cio.fallback' are bound to a direct exchange" in p.problem
+    assert "queues 'cio', 'cio.send', 'cio.fallback' are bound to a direct exchange" in p.problem
     # On topic exchanges, countdowns wait in RabbitMQ's delay queues: only one attempt is held.
     topic = {**quorum, "task_create_missing_queue_exchange_type": "topic"}
     assert check_configuration(amqp_app(**topic)) == []

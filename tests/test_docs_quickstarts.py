@@ -43,7 +43,7 @@ def ran(result: dict[str, Any], fragment: str) -> list[dict[str, Any]]:
 def test_the_readme_delivers_an_identify_and_status_is_healthy() -> None:
     result = walk("README.md")
     assert "identify" in result["applied"]
-    [worker] = ran(result, " worker -Q cio,cio.fallback -E")
+    [worker] = ran(result, " worker -Q cio,cio.send,cio.fallback -E")
     assert worker["what"] == "server"
     [status] = ran(result, "cio status")
     assert status["exit"] == 0 and status["stdout"].startswith("cio_celery: healthy")
@@ -59,7 +59,7 @@ def test_the_django_quickstart_delivers_on_commit_and_reports_healthy(tmp_path: 
     [health] = ran(result, "/cio/health/")
     body = json.loads(health["stdout"])
     assert body["healthy"] is True and body["credentials"]["source"] == "workers"
-    assert {q: v["consumers"] for q, v in body["queues"].items()} == {"cio": 1, "cio.fallback": 1}
+    assert {q: v["consumers"] for q, v in body["queues"].items()} == {"cio": 1, "cio.send": 1, "cio.fallback": 1}
     if ran(result, "flower"):  # flower installed (the dev install): its API answers with the switch
         [api] = [s for s in result["steps"] if s.get("what") == "flower api"]
         assert api["status"] == 200
@@ -88,6 +88,6 @@ def test_the_flask_quickstart_delivers_and_reports_healthy() -> None:
     [health] = ran(result, "/cio/health")
     body = json.loads(health["stdout"])
     assert body["healthy"] is True and body["problems"] == []
-    assert {q: v["consumers"] for q, v in body["queues"].items()} == {"cio": 1, "cio.fallback": 1}
+    assert {q: v["consumers"] for q, v in body["queues"].items()} == {"cio": 1, "cio.send": 1, "cio.fallback": 1}
     [status] = ran(result, "cio status")
     assert status["exit"] == 0

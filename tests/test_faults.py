@@ -96,7 +96,7 @@ class Rig:
 
     def quiet(self) -> bool:
         b = self.broker
-        return (b.llen("cio") == 0 and b.llen("cio.fallback") == 0 and b.hlen("unacked") == 0
+        return (all(b.llen(q) == 0 for q in ("cio", "cio.send", "cio.fallback")) and b.hlen("unacked") == 0
                 and self.worker.proc is not None and len(self.worker.child_pids()) >= 1)
 
 

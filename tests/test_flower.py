@@ -273,7 +273,7 @@ def test_worker_started_with_E_sends_the_custom_events(tmp_path: Path) -> None:
         with open(log_path, "wb") as log:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-E", "-P", "prefork", "-c", "1",
-                 "-Q", "cio,cio.fallback", "-n", "events@%h", "--loglevel", "INFO", "--without-gossip",
+                 "-Q", "cio,cio.send,cio.fallback", "-n", "events@%h", "--loglevel", "INFO", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )

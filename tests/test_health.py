@@ -88,7 +88,7 @@ def names(data: dict[str, Any]) -> list[str]:
     return [p["name"] for p in data["problems"]]
 
 
-def start_worker(env: dict[str, str], tmp_path: Path, name: str, queues: str = "cio,cio.fallback",
+def start_worker(env: dict[str, str], tmp_path: Path, name: str, queues: str = "cio,cio.send,cio.fallback",
                  **extra: str) -> WorkerProcess:
     environ = {**env, **extra}
     for var in [k for k, v in extra.items() if v == ""]:
@@ -118,30 +118,33 @@ def enqueue_app(env: dict[str, str], broker: str | None = None, **cio: Any) -> C
 # -- no worker consumes the queues ----------------------------------------------------------
 
 
-def test_status_is_unhealthy_until_a_worker_consumes_both_queues(env: dict[str, str], tmp_path: Path) -> None:
+def test_status_is_unhealthy_until_a_worker_consumes_the_three_queues(env: dict[str, str], tmp_path: Path) -> None:
     web = enqueue_app(env)
     web.tasks["cio_celery.identify"].delay("user-waiting")
     publisher_for(web).stop()
     alone = cio(env, "status", "--json")
     assert alone.returncode == 1, alone.stdout + alone.stderr
     data = report(alone)
-    assert names(data) == ["queue_not_consumed", "queue_not_consumed"]
+    assert names(data) == ["queue_not_consumed"] * 3
     assert [p["message"] for p in data["problems"]] == [
-        "no worker consumes queue 'cio' (1 operations waiting)", "no worker consumes queue 'cio.fallback'"]
-    assert all("-Q cio,cio.fallback" in p["fix"] for p in data["problems"])
+        "no worker consumes queue 'cio' (1 operations waiting)", "no worker consumes queue 'cio.send'",
+        "no worker consumes queue 'cio.fallback'"]
+    assert all("-Q cio,cio.send,cio.fallback" in p["fix"] for p in data["problems"])
     assert data["queues"]["cio"] == {"depth": 1, "consumers": 0, "workers": []}  # read from the broker
 
     # A worker started without -Q consumes Celery's default queue only: it says so, and health too.
     wrong = start_worker(env, tmp_path, "noq", queues="celery")
     try:
         log = worker_says(wrong, "CIO_FALLBACK_QUEUE")
-        assert "queue 'cio' is not consumed by this worker" in log and "start workers with -Q cio,cio.fallback" in log
+        assert "queue 'cio' is not consumed by this worker" in log
+        assert "start workers with -Q cio,cio.send,cio.fallback" in log
+        assert "queue 'cio.send' is not consumed by this worker" in log
         still = report(cio(env, "status", "--json", *ANSWER))
-        assert names(still) == ["queue_not_consumed", "queue_not_consumed"]
+        assert names(still) == ["queue_not_consumed"] * 3
         text = cio(env, "status")
         assert text.returncode == 1
         assert "problem: queue_not_consumed: no worker consumes queue 'cio'" in text.stdout
-        assert "  fix: start workers with -Q cio,cio.fallback" in text.stdout
+        assert "  fix: start workers with -Q cio,cio.send,cio.fallback" in text.stdout
     finally:
         wrong.stop()
 
@@ -151,10 +154,10 @@ def test_status_is_unhealthy_until_a_worker_consumes_both_queues(env: dict[str, 
         data = report(ok)
         assert ok.returncode == 0, data["problems"]
         assert data["queues"]["cio"]["consumers"] == 1 and data["queues"]["cio"]["workers"][0].startswith("both@")
-        assert data["queues"]["cio.fallback"]["consumers"] == 1
+        assert data["queues"]["cio.fallback"]["consumers"] == 1 and data["queues"]["cio.send"]["consumers"] == 1
         assert data["credentials"] == {"track": True, "app": True, "source": "workers"}
         log = right.tail(400)
-        for warned in ("CIO_QUEUE", "CIO_FALLBACK_QUEUE", "credentials_missing", "broker_"):
+        for warned in ("CIO_QUEUE", "CIO_SEND_QUEUE", "CIO_FALLBACK_QUEUE", "credentials_missing", "broker_"):
             assert warned not in log  # nothing of that to warn about
     finally:
         right.stop()
@@ -341,7 +344,7 @@ def test_ledger_overdue_is_named_while_no_worker_sweeps_and_gone_once_one_does(
     assert data["ledger"]["oldest_overdue_seconds"] > 1 and data["ledger"]["max_overdue"] == 1
     [problem] = data["problems"]
     assert problem["message"].startswith("1 operation of the delivery ledger is overdue by more than 1 s")
-    assert "-Q cio,cio.fallback" in problem["fix"]
+    assert "-Q cio,cio.send,cio.fallback" in problem["fix"]
     text = cio(env, *status)
     assert "ledger                 1 in flight, 1 overdue (the oldest by " in text.stdout
 
@@ -398,7 +401,7 @@ def test_workers_answers_are_cached_and_forgotten_on_demand(env: dict[str, str],
     t1 = time.monotonic()
     second = health_report(app, inspect_timeout=0.5, workers_cache=30)
     assert time.monotonic() - t1 < asked  # no second broadcast
-    assert first.problem_names == second.problem_names == ["queue_not_consumed", "queue_not_consumed"]
+    assert first.problem_names == second.problem_names == ["queue_not_consumed"] * 3
     worker = start_worker(env, tmp_path, "cached")
     try:
         assert health_report(app, inspect_timeout=0.5, workers_cache=30).problem_names == second.problem_names

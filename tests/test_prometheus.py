@@ -236,7 +236,7 @@ def test_the_health_verdict_and_the_queues_as_metrics(worker_app: Any, redis_bas
     m = scrape(fresh(worker_app))
     assert m[("cio_celery_healthy", ())] == 1
     assert all(m[("cio_celery_problem", (("name", n),))] == 0 for n in PROBLEM_NAMES)
-    # The embedded worker consumes both queues; Redis counts no consumers: the workers answered.
+    # The embedded worker consumes the three queues; Redis counts no consumers: the workers answered.
     assert m[("cio_celery_queue_consumers", (("queue", "cio"),))] == 1
     assert m[("cio_celery_queue_consumers", (("queue", "cio.fallback"),))] == 1
 

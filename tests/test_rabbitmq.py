@@ -96,7 +96,7 @@ def test_the_node_keeps_durable_queues_and_confirmed_messages_over_a_restart_and
 def test_every_operation_is_delivered_through_rabbitmq_and_the_worker_reports_no_problem(
     rabbitmq: RabbitMQNode, store: RedisServer, fake: FakeCustomerIO, tmp_path: Any,
 ) -> None:
-    rabbitmq.delete_queues("cio", "cio.fallback")
+    rabbitmq.delete_queues("cio", "cio.send", "cio.fallback")
     env = worker_env(fake, rabbitmq.url, f"{store.url}/0", CIO_RATE_LIMIT_TRACK="0", CIO_RATE_LIMIT_TRANSACTIONAL="0")
     worker = WorkerProcess(env, concurrency=2, name="rabbitmq-ops", log_dir=tmp_path).start(rabbitmq.url)
     try:
@@ -121,7 +121,7 @@ def test_every_operation_is_delivered_through_rabbitmq_and_the_worker_reports_no
 def test_a_worker_without_publisher_confirms_names_the_setting_at_start(
     rabbitmq: RabbitMQNode, store: RedisServer, fake: FakeCustomerIO, tmp_path: Any,
 ) -> None:
-    rabbitmq.delete_queues("cio", "cio.fallback")
+    rabbitmq.delete_queues("cio", "cio.send", "cio.fallback")
     env = worker_env(fake, rabbitmq.url, f"{store.url}/0", CIO_TEST_NO_CONFIRMS="1")
     worker = WorkerProcess(env, concurrency=1, name="rabbitmq-noconfirm", log_dir=tmp_path).start(rabbitmq.url)
     try:
@@ -143,7 +143,7 @@ def test_quorum_queues_on_topic_exchanges_deliver_retries_through_native_delayed
     """docs/rabbitmq.md's quorum setup: no global QoS, countdowns in RabbitMQ's delay queues."""
     if not hasattr(Celery().conf, "task_create_missing_queue_exchange_type"):
         pytest.skip("Celery without task_create_missing_queue_exchange_type (5.6+)")
-    rabbitmq.delete_queues("cio", "cio.fallback", exchanges=True)  # the other tests' are direct
+    rabbitmq.delete_queues("cio", "cio.send", "cio.fallback", exchanges=True)  # the other tests' are direct
     env = worker_env(fake, rabbitmq.url, f"{store.url}/0", CIO_TEST_QUORUM="1", CIO_RATE_LIMIT_TRACK="0",
                      CIO_RETRY_BACKOFF_BASE="2", CIO_RETRY_BACKOFF_MAX="3")
     worker = WorkerProcess(env, concurrency=1, name="rabbitmq-quorum", log_dir=tmp_path).start(rabbitmq.url)
@@ -170,7 +170,7 @@ def test_quorum_queues_on_topic_exchanges_deliver_retries_through_native_delayed
             conn.channel().queue_declare(f"celery_delayed_{level}", passive=True)  # NotFound if missing
     finally:
         conn.close()
-    rabbitmq.delete_queues("cio", "cio.fallback", exchanges=True)
+    rabbitmq.delete_queues("cio", "cio.send", "cio.fallback", exchanges=True)
 
 
 def test_a_countdown_held_past_consumer_timeout_stops_the_worker_and_is_applied_once_after(

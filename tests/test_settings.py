@@ -16,7 +16,10 @@ def test_defaults() -> None:
     assert s.region == "us"
     assert s.track_base_url == "https://track.customer.io"
     assert s.app_base_url == "https://api.customer.io"
-    assert s.queue == "cio" and s.fallback_queue == "cio.fallback"
+    assert s.queue == "cio" and s.fallback_queue == "cio.fallback" and s.send_queue == "cio.send"
+    assert s.queues == ["cio", "cio.send", "cio.fallback"]
+    assert s.queue_for("track") == "cio" and s.queue_for("send_email") == "cio.send"
+    assert build_settings(environ={"CIO_SEND_QUEUE": "cio"}).queues == ["cio", "cio.fallback"]  # one shared lane
     assert s.max_countdown == 3240.0  # 90% of Redis' default 3600 s visibility timeout
 
 

@@ -19,7 +19,7 @@ class WorkerProcess:
     """One `celery worker` (prefork) with its own log file."""
 
     def __init__(self, env: dict[str, str], concurrency: int = 4, name: str = "w1",
-                 queues: str = "cio,cio.fallback", log_dir: Path | None = None) -> None:
+                 queues: str = "cio,cio.send,cio.fallback", log_dir: Path | None = None) -> None:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         self.concurrency = concurrency
         self.name = name

@@ -15,7 +15,7 @@ yields ``cio_celery_store_up 0`` and leaves the store's families out of that scr
 
 The health report's verdict comes with it: ``cio_celery_healthy``, ``cio_celery_problem{name}``
 (1 for each named problem of :mod:`cio_celery.health`, 0 for the others), and the depth and
-consumers of the ``cio`` and ``cio.fallback`` queues read from the broker (consumers on Redis
+consumers of the ``cio``, ``cio.send`` and ``cio.fallback`` queues read from the broker (consumers on Redis
 from the workers' answers, cached for ``workers_cache`` seconds).
 
 A family that reads a key holding data it cannot read (a damaged ledger or quarantine key) is

@@ -1,6 +1,6 @@
 """The Celery app of the example site, as in Celery's "First steps with Django".
 
-``celery -A django_site worker -Q cio,cio.fallback`` runs it; Celery's Django fix-up calls
+``celery -A django_site worker -Q cio,cio.send,cio.fallback`` runs it; Celery's Django fix-up calls
 ``django.setup()`` in the worker, and ``cio_celery.contrib.django`` then applies ``CIO_CELERY``.
 """
 
