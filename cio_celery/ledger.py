@@ -5,9 +5,12 @@ a second command. A Redis restart between the two loses the message: it is in no
 unacknowledged hash, and no worker ever logged it as received (traced in the chaos suite, see
 docs/chaos.md). The ledger closes that window end to end:
 
-- every publish of an operation (enqueue, retry, release from the fallback, replay) first
-  records it: ``{prefix}:ledger`` (hash: task id -> the message) and ``{prefix}:ledger:due``
-  (sorted set: task id -> when to look at it);
+- every publish of an operation (enqueue, retry, release from the fallback, replay) records
+  it: ``{prefix}:ledger`` (hash: task id -> the message) and ``{prefix}:ledger:due`` (sorted
+  set: task id -> when to look at it). The record is handed to a background writer just before
+  the publish and lands moments later (what has piled up goes in one pipelined
+  round trip; the writer does not wait for more, which would widen this window); a batch
+  message's record is written before its publish;
 - the script that ends an operation (done mark, dead letter, park, a suppressed duplicate)
   removes it, in the same round trip;
 - a sweeper (in the fallback releaser, so one at a time in the cluster) looks at entries
