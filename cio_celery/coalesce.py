@@ -41,14 +41,18 @@ from typing import Any
 from .fallback import Fallback
 from .limiter import Limiter
 from .settings import Settings
-from .store import ScriptCall, key, redis_for, run_script
+from .store import ScriptCall, key, run_script
 
-__all__ = ["Coalescer", "admit_call", "coalescing"]
+__all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "coalescing"]
 
 logger = logging.getLogger("cio_celery.coalesce")
 
 # Most operations the buffer holds; past it they go alone (a drainer is missing or far behind).
 COALESCE_MAX = 100_000
+
+# On a Redis Cluster store the admission script runs without the claim (another slot): this
+# stands in for it, and the operation that goes alone claims in a second round trip.
+CLAIM_LATER = "return 'later'"
 
 # A breaker turned off still answers "allow" to the admission script.
 _ALLOW = "return {'allow', '0', '0', ''}"
@@ -146,6 +150,12 @@ def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None
     return ScriptCall(_admit_text(claim.text, acq.text, slot.text), keys, args)
 
 
+# KEYS: buffer, since. The buffer's length, when it last became non-empty (ms) and the time.
+_PEEK = """
+local t = redis.call('TIME')
+return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], t[2]}
+"""
+
 # KEYS: buffer, since. After a drain: the buffer's age restarts, or ends with the buffer.
 _RESINCE = """
 if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) return 0 end
@@ -176,14 +186,11 @@ class Coalescer:
         s = self.settings
         if not self.buffer.acquire_lease(self.token, max(1.0, 20 * self.tick_interval)):
             return -1
-        pipe = redis_for(s).pipeline(transaction=False)
-        pipe.llen(self.buffer._list)
-        pipe.get(self._since)
-        pipe.time()
-        n, since, now = pipe.execute()
+        # One script, not a pipeline: TIME names no key, which a cluster store cannot route.
+        n, since, now_s, now_us = run_script(s, _PEEK, [self.buffer._list, self._since], [])
         if not n:
             return 0
-        age = (int(now[0]) * 1000 + int(now[1]) // 1000 - int(since or 0)) / 1000.0
+        age = (int(now_s) * 1000 + int(now_us) // 1000 - int(since or 0)) / 1000.0
         if int(n) < s.batch_min_size and age < s.batch_linger:
             return 0
         # Pace by the limiter: a batch leaves when a slot is free now. Under heavier load the

@@ -24,14 +24,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .breaker import Breaker, Permit, breaker_for
-from .coalesce import admit_call
+from .coalesce import CLAIM_LATER, admit_call
 from .exceptions import DeliveryError, StoreStateError
 from .idempotency import Claim, Claims
 from .ledger import Ledger
 from .limiter import Limiter, Slot, bucket_of
 from .policy import CallOutcome, breaker_outcome
 from .settings import Settings
-from .store import ScriptCall, key, run_pipelined, run_script, run_scripts
+from .store import ScriptCall, is_cluster, key, run_pipelined, run_script, run_scripts
 
 __all__ = ["BatchGuard", "Guard"]
 
@@ -191,9 +191,15 @@ class Guard(_Base):
         slot_call = self.limiter.acquire_call(self.bucket, 0, late=0)
         assert slot_call is not None, "adaptive batching needs the rate limiter"
         ledger = [self.ledger._entries, self.ledger._due] if self.ledger is not None else None
-        call = admit_call(self.settings, claim_call, acquire, slot_call, entry, self.task_id,
-                          self.limiter.rate_of(self.bucket), ledger, behind)
+        # On a cluster the claim is in its shard's slot, the rest in the store's common slot: the
+        # admission runs there without it, and an operation that goes alone claims in a second
+        # round trip (its permit and slot already taken, as the single path's on a cluster).
+        later = is_cluster(self.settings)
+        call = admit_call(self.settings, ScriptCall(CLAIM_LATER, [], []) if later else claim_call, acquire,
+                          slot_call, entry, self.task_id, self.limiter.rate_of(self.bucket), ledger, behind)
         claim_res, permit_res, slot_res, flag = run_script(self.settings, call.text, call.keys, call.args)
+        if later and claim_res in (b"later", "later"):
+            claim_res = run_scripts(self.settings, [claim_call])[0]
         try:
             if self.breaker is not None:
                 self.permit = self.breaker.acquire_result(permit_res, permit_token)

@@ -590,15 +590,6 @@ def _validate(s: Settings) -> None:
             "countdown, a claim lease, the delivery ledger's grace); a shorter one lets a late redelivery "
             "through twice",
         )
-    if s.store_is_cluster and s.batch_coalesce and s.idempotency_enabled and s.rate_limit_track > 0:
-        # Adaptive batching's admission script takes the claim (its shard's slot) in the same
-        # script as the buffer ({prefix}'s slot): a cluster refuses it, and every batchable
-        # operation would be dead-lettered as internal:RedisClusterException.
-        raise ConfigurationError(
-            "batch_coalesce",
-            "must be off (CIO_BATCH_COALESCE=0) with a Redis Cluster store: adaptive batching's admission "
-            "script spans two cluster slots (docs/cluster.md)",
-        )
     if s.idempotency_enabled and s.idempotency_retention < s.retry_horizon:
         raise ConfigurationError(
             "idempotency_retention",

@@ -5,9 +5,9 @@ cluster they get is built here, with ``CIO_REDIS_URL=redis+cluster://...`` (AOF 
 After each, the share of keys, commands and read events of each master is reported
 (``$CIO_CHAOS_REPORT``, scenario ``cluster_<name>``).
 
-Adaptive batching is off here (``CIO_BATCH_COALESCE=0``): its admission script takes the claim
-in the same script as the batching buffer, which a cluster cannot run (two slots); see
-docs/cluster.md.
+Adaptive batching is on, as by default: its admission runs in the store's common slot and an
+operation that goes alone claims in its shard's slot in a second round trip (docs/cluster.md).
+The adaptive batching scenarios of tests/test_coalesce.py run here too.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from celery import Celery
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_cluster import RedisClusterServers
 from cio_celery.testing.redis_server import RedisServer
-from tests import test_chaos
+from tests import test_chaos, test_coalesce
 from tests.chaos_harness import CHAOS_ENV, Cluster, report
 from tests.workers import worker_env
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-CLUSTER_ENV = {"CIO_BATCH_COALESCE": "0"}
+CLUSTER_ENV: dict[str, str] = {}
 
 
 def node_figures(urls: list[str]) -> list[dict[str, int]]:
@@ -106,6 +106,7 @@ def cluster_store_chaos(name: str) -> Iterator[Callable[..., Any]]:
 def run_scenario(monkeypatch: pytest.MonkeyPatch, name: str, scenario: Callable[..., None], *args: Any) -> None:
     with cluster_store_chaos(name) as variant:
         monkeypatch.setattr(test_chaos, "chaos_cluster", variant)
+        monkeypatch.setattr(test_coalesce, "chaos_cluster", variant)
         started = time.monotonic()
         scenario(*args)
         print(f"\ncluster store: {name} passed in {time.monotonic() - started:.0f} s")
@@ -137,3 +138,15 @@ def test_the_whole_store_cluster_stopped_5s_with_the_store_on_a_cluster(monkeypa
 def test_one_caller_key_twice_with_the_store_on_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     run_scenario(monkeypatch, "caller_key_twice",
                  test_chaos.test_the_same_operation_enqueued_twice_with_one_caller_key_is_applied_once)
+
+
+def test_past_the_limit_operations_leave_in_batches_with_the_store_on_a_cluster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_scenario(monkeypatch, "coalesce",
+                 test_coalesce.test_past_the_limit_operations_leave_in_batches_each_applied_once)
+
+
+@pytest.mark.full
+def test_every_batchable_operation_in_a_burst_with_the_store_on_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    run_scenario(monkeypatch, "coalesce_every_operation",
+                 test_coalesce.test_every_batchable_operation_is_converted_and_applied_once_in_a_burst)

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 
 import cio_celery
 from cio_celery.deadletters import DeadLetters
+from cio_celery.guard import Guard
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
 from cio_celery.limiter import Limiter
@@ -52,14 +53,14 @@ def nodes(cluster_servers: RedisClusterServers) -> Iterator[list[redis.Redis]]:
 
 @pytest.fixture()
 def settings(cluster_servers: RedisClusterServers, nodes: list[redis.Redis]) -> Settings:
-    return build_settings({"redis_url": cluster_servers.url, "idempotency_lease": 3.0, "timeout": 2.0,
-                           "batch_coalesce": False}, environ={})
+    return build_settings({"redis_url": cluster_servers.url, "idempotency_lease": 3.0, "timeout": 2.0},
+                          environ={})
 
 
 @pytest.fixture()
 def cluster_app(worker_app: Any, cluster_servers: RedisClusterServers, nodes: list[redis.Redis]) -> Iterator[Any]:
     """The embedded worker with its store on the cluster."""
-    configure(worker_app, redis_url=cluster_servers.url, batch_coalesce=False)
+    configure(worker_app, redis_url=cluster_servers.url)
     yield worker_app
     configure(worker_app)
 
@@ -166,6 +167,29 @@ def test_a_script_spanning_slots_is_refused_before_it_is_sent(settings: Settings
 
 
 # -- the ledger ----------------------------------------------------------------------------------
+
+
+def test_adaptive_batching_admits_on_a_cluster(cluster_servers: RedisClusterServers,
+                                               nodes: list[redis.Redis]) -> None:
+    """The admission runs in the common slot without the claim; one that goes alone claims in its
+    shard's slot next (and sees a done mark there), one that is coalesced takes no claim (its
+    batch will)."""
+    s = build_settings({"redis_url": cluster_servers.url, "rate_limit_track": 100.0, "timeout": 2.0}, environ={})
+    entry = '{"operation":"track","task_id":"t","args":[],"kwargs":{}}'
+    with Guard(s, "track", "key-alone", "task-alone") as alone:
+        alone.take(0, entry, behind=False)  # room under the limit, nothing buffered: alone
+        assert not alone.coalesced and alone.claim is not None and alone.claim.state == "claimed"
+        assert alone.slot is not None and alone.slot.granted
+        assert redis_for(s).get(alone.claim.keys[0]) is not None  # held, in its shard's slot
+        alone.call(lambda: {})  # delivered: the done mark is written as it settles
+    time.sleep(0.05)  # the next rate-limit slot
+    with Guard(s, "track", "key-alone", "task-alone") as copy:
+        copy.take(0, entry, behind=False)
+        assert not copy.coalesced and copy.claim is not None and copy.claim.state == "done"
+    with Guard(s, "track", "key-behind", "task-behind") as behind:
+        behind.take(0, entry, behind=True)  # waited in its queue past the linger: batched
+        assert behind.coalesced and behind.claim is None
+    assert redis_for(s).llen(key(s, "coalesce")) == 1
 
 
 def test_a_ledger_record_landing_after_the_operation_ended_is_not_written(settings: Settings) -> None:

@@ -153,18 +153,9 @@ def test_every_setting_is_in_the_configuration_reference() -> None:
 def test_a_cluster_store_url_is_accepted() -> None:
     for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://:pw@node-1:7000/0",
                 "redis+cluster://127.0.0.1:7000/"):
-        s = build_settings({"redis_url": url, "batch_coalesce": False}, environ={})
-        assert s.store_is_cluster
+        s = build_settings({"redis_url": url}, environ={})
+        assert s.store_is_cluster and s.batch_coalesce  # adaptive batching works on a cluster too
     assert not build_settings({"redis_url": "redis://127.0.0.1:6379/0"}, environ={}).store_is_cluster
-
-
-def test_a_cluster_store_refuses_adaptive_batching_until_its_admission_fits_one_slot() -> None:
-    with pytest.raises(ConfigurationError) as info:
-        build_settings({"redis_url": "redis+cluster://127.0.0.1:7000"}, environ={})
-    assert info.value.setting == "batch_coalesce" and "CIO_BATCH_COALESCE=0" in str(info.value)
-    # Off, or off in effect (no Track rate limit: nothing is ever coalesced).
-    build_settings({"redis_url": "redis+cluster://127.0.0.1:7000"}, environ={"CIO_BATCH_COALESCE": "0"})
-    build_settings({"redis_url": "redis+cluster://127.0.0.1:7000", "rate_limit_track": 0}, environ={})
 
 
 def test_the_redelivery_horizon_is_derived_from_the_settings_and_may_only_be_raised() -> None:
