@@ -31,6 +31,7 @@ import pytest
 import redis
 from celery import Celery
 
+from cio_celery import coalesce as coalesce_module
 from cio_celery import fallback as fallback_module
 from cio_celery import ledger as ledger_module
 from cio_celery.breaker import Breaker
@@ -117,12 +118,12 @@ def make_rig(tmp_path_factory: pytest.TempPathFactory, name: str, env_extra: dic
     with ExitStack() as stack:
         server = stack.enter_context(RedisServer(appendonly=True))
         fake = stack.enter_context(FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak"))
-        # Background work on its own clock: the batching drainer's ticks (its lease, and a pipeline
-        # of LLEN, GET and TIME) and the delivery ledger's writer. Every delivery path's own
-        # command is a script, a HINCRBY or a pipeline of scripts, and is counted.
+        # Background work on its own clock: the batching drainer's ticks (its lease, and a script
+        # reading the buffer's length, age and the time) and the delivery ledger's writer. Every
+        # delivery path's own command is a script, a HINCRBY or a pipeline of scripts, and is counted.
         background = tuple(hashlib.sha1(text.encode()).hexdigest()[:8].encode()
                            for text in (fallback_module._RENEW, ledger_module._RECORD,
-                                        getattr(ledger_module, "_WRITE", "")))
+                                        getattr(ledger_module, "_WRITE", ""), coalesce_module._PEEK))
         proxy = RespProxy(server.port, ignore_names=frozenset({b"LLEN", b"GET", b"TIME"}),
                           ignore_scripts=background)
         stack.callback(proxy.close)
