@@ -53,7 +53,7 @@ from .fallback import Fallback
 from .idempotency import Claims
 from .ledger import grace_of, ledger_enabled
 from .quarantine import Quarantine
-from .settings import Settings, settings_for_app
+from .settings import QUEUE_SETTINGS, Settings, settings_for_app
 from .spool import spool_stats
 from .store import key, redis_for
 
@@ -628,7 +628,7 @@ def _url_reachable(app: Any) -> bool | None:
 def _queue_setting(s: Settings | None, name: str) -> str:
     """The variable that names a queue (the first that does, as in ``Settings.queues``)."""
     s = s or Settings()
-    for setting in ("queue", "send_queue", "fallback_queue"):
+    for setting in QUEUE_SETTINGS:
         if getattr(s, setting) == name:
             return f"CIO_{setting.upper()}"
     return "CIO_QUEUE"

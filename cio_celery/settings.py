@@ -23,6 +23,7 @@ from .exceptions import ConfigurationError
 
 __all__ = [
     "CELERY_HIDDEN_KEYS",
+    "QUEUE_SETTINGS",
     "SETTINGS",
     "Setting",
     "Settings",
@@ -260,6 +261,10 @@ AMBIGUOUS_POLICIES = ("dead_letter", "retry")
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+#: The settings that name a queue a worker consumes, in ``-Q`` order (``Settings.queues``).
+QUEUE_SETTINGS: Final = ("queue", "send_queue", "fallback_queue")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated configuration of cio_celery; build it with :func:`build_settings`."""
@@ -339,7 +344,7 @@ class Settings:
     @property
     def queues(self) -> list[str]:
         """The queues a worker must consume, in ``-Q`` order: operations, sends, released parked ones."""
-        return list(dict.fromkeys((self.queue, self.send_queue, self.fallback_queue)))
+        return list(dict.fromkeys(getattr(self, name) for name in QUEUE_SETTINGS))
 
     def queue_for(self, operation: str) -> str:
         """Where an operation is published when no ``task_routes`` say otherwise."""
