@@ -60,7 +60,9 @@ def test_a_message_lost_between_brpop_and_the_unacked_record_is_republished_once
     track = producer.tasks["cio_celery.track"]
     ids = [track.delay(f"user-{i}", "in_transit", {"seq": i}).id for i in range(3)]
     ledger = Ledger(settings_for_app(producer))
-    assert ledger.depth() == 3, "recorded before they were published"
+    # The producer's writer thread records publishes in the background: wait for all three
+    # before opening the window, so that the lost one is certainly in the ledger.
+    wait_until(lambda: ledger.depth() == 3, timeout=5, what="the three publishes to be recorded")
     # The window: the oldest message is popped and recorded nowhere, as when Redis stops
     # between kombu's BRPOP and its unacked record.
     lost = json.loads(broker.rpop("cio"))  # type: ignore[arg-type]
