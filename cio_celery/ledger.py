@@ -184,17 +184,29 @@ class Ledger:
         return int(redis_for(self.settings).zcard(self._due))
 
     def sweep(self, app: Any, limit: int = 200) -> int:
-        """Republish overdue entries that are in no queue and held by no worker; returns how many."""
+        """Republish overdue entries that are in no queue and held by no worker; returns how many.
+
+        An operation moves from its queue to the unacked hash (kombu) and ends by clearing its
+        entry before its ack, so the reads go in that order: the heads of the queues, then the
+        unacked hash, then the entries. An operation in its queue at the first read is seen
+        there; one taken before it is seen held or has no entry left by the last read. Read the
+        other way round, one that moved on between the reads looked lost.
+        """
         client: Any = redis_for(self.settings)
         now = time.time()
         overdue = [t.decode() for t in client.zrangebyscore(self._due, "-inf", now, start=0, num=limit)]
         if not overdue:
             return 0
-        raws = client.hmget(self._entries, overdue)
+        queues = {self.settings.queue, self.settings.fallback_queue, self.settings.send_queue}
+        for raw in client.hmget(self._entries, overdue):
+            queue = _queue_of(raw)
+            if queue:
+                queues.add(queue)
         with app.connection_for_read() as conn:
             broker = conn.default_channel.client
+            heads = {queue: _head_time(broker.lindex(queue, -1)) for queue in sorted(queues)}
             unacked = b"".join(broker.hvals("unacked") or [])
-            heads: dict[str, float | None] = {}
+            raws = client.hmget(self._entries, overdue)
             republished = 0
             for task_id, raw in zip(overdue, raws, strict=True):
                 if raw is None:  # ended meanwhile
@@ -212,7 +224,9 @@ class Ledger:
                     client.zadd(self._due, {task_id: now + self.grace})  # a worker holds it
                     continue
                 if queue not in heads:
-                    heads[queue] = _head_time(broker.lindex(queue, -1))
+                    # Recorded after the heads were read: look again at the next sweep.
+                    client.zadd(self._due, {task_id: now + self.grace})
+                    continue
                 head = heads[queue]
                 if head is not None and head <= at:
                     # Published after the message at the head of its queue: it may be waiting.
@@ -233,6 +247,17 @@ class Ledger:
             return
         with internal_publish():
             task.apply_async(entry["args"], entry["kwargs"], task_id=task_id, queue=entry.get("queue"))
+
+
+def _queue_of(raw: Any) -> str | None:
+    """The queue an entry was published to (None: unreadable, or the default queue)."""
+    if raw is None:
+        return None
+    try:
+        queue = json.loads(raw).get("queue")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return queue if isinstance(queue, str) and queue else None
 
 
 def _head_time(raw: Any) -> float | None:

@@ -52,13 +52,17 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
     producer.finalize(auto=True)
     events: list[dict[str, Any]] = []
     stop = threading.Event()
+    receivers: list[Any] = []
 
     def capture() -> None:
-        with producer.connection_for_read() as conn:
-            receiver = producer.events.Receiver(conn, handlers={"*": events.append})
-            while not stop.is_set():
+        # One subscription for the whole test: events go over pub/sub, which keeps nothing, so a
+        # capture that timed out and subscribed again would miss what was sent in between.
+        while not stop.is_set():
+            with producer.connection_for_read() as conn:
+                receiver = producer.events.Receiver(conn, handlers={"*": events.append})
+                receivers.append(receiver)
                 try:
-                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
                 except (TimeoutError, OSError):
                     continue
 
@@ -70,6 +74,8 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
     finally:
         worker.stop()
         stop.set()
+        for receiver in receivers:
+            receiver.should_stop = True
         listener.join(5)
         fake.stop()
 

@@ -143,7 +143,9 @@ class FlowerProcess:
 def test_flower_shows_tasks_and_events_without_customer_data(tmp_path: Path) -> None:
     with chaos_cluster(workers=1, concurrency=2, tmp=tmp_path, CIO_TEST_EVENTS="1",
                        CIO_BREAKER_CONSECUTIVE_FAILURES="3", CIO_BREAKER_MINIMUM_CALLS="1000",
-                       CIO_MAX_RETRIES="1") as c:
+                       CIO_MAX_RETRIES="1", CIO_BATCH_COALESCE="0") as c:
+        # One request an operation: an identify that waited past the batching linger would leave
+        # in a batch (its 400 split into single sends, no duplicate-suppressed event of its own).
         flower = FlowerProcess(c, tmp_path / "flower.log")
         base = flower.base
         identify, track = c.task("identify"), c.task("track")

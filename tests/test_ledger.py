@@ -77,8 +77,10 @@ def test_a_message_lost_between_brpop_and_the_unacked_record_is_republished_once
     time.sleep(1.0)
     assert sorted(a.json["data"]["seq"] for a in applied) == [0, 1, 2]
     assert len(fake.requests) == 3, "republished once, delivered once"
-    assert ledger.depth() == 0, "every ended operation left the ledger"
-    assert Claims(settings_for_app(producer)).state_of("track", ids[0]) == "done"
+    # The done mark and the ledger's clearing follow Customer.io's answer, not its receipt.
+    wait_until(lambda: ledger.depth() == 0, timeout=5, what="every ended operation to leave the ledger")
+    wait_until(lambda: Claims(settings_for_app(producer)).state_of("track", ids[0]) == "done", timeout=5,
+               what="the republished operation's done mark")
     assert "ledger republished 1 operations" in rig["worker"].log_text()
     print(f"\nledger: the lost operation was delivered {took:.1f} s after the worker started "
           f"(grace {ledger.grace:.0f} s)")
