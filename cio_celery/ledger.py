@@ -45,7 +45,7 @@ from ._process import PerProcess
 from .idempotency import LOOKUP_LUA, Claims
 from .meta import META_KEY
 from .settings import Settings
-from .store import ScriptCall, is_cluster, key, redis_for, run_pipelined
+from .store import ScriptCall, is_cluster, key, redis_for, run_pipelined, run_script
 
 __all__ = ["Ledger", "RecordCall", "ledger_enabled", "write_records"]
 
@@ -108,6 +108,13 @@ for i = 1, #ARGV do
   redis.call('ZREM', KEYS[2], ARGV[i])
 end
 return #ARGV
+"""
+
+# KEYS: entries, due. ARGV: task id. The sweeper forgets the due time of an entry that ended,
+# unless it was recorded again meanwhile (parked, then released): that one must stay swept.
+_FORGET = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 0
 """
 
 # A writer that cannot write says so at most this often.
@@ -188,9 +195,16 @@ class Ledger:
 
         An operation moves from its queue to the unacked hash (kombu) and ends by clearing its
         entry before its ack, so the reads go in that order: the heads of the queues, then the
-        unacked hash, then the entries. An operation in its queue at the first read is seen
+        unacked hash, then the entries. An operation in its queue at the head read is seen
         there; one taken before it is seen held or has no entry left by the last read. Read the
         other way round, one that moved on between the reads looked lost.
+
+        A retry or a release does not clear its entry but replaces it: an entry that changed
+        between the first read (before the heads) and the last is looked at again a grace
+        later. Not covered: a retry whose new entry (written in the background) lands after the
+        last read, and a message requeued by kombu (``Reject(requeue=True)``), which keeps its
+        publish time behind newer ones. Either may be republished while it waits; its claim
+        suppresses the copy (a message more, never a send more).
         """
         client: Any = redis_for(self.settings)
         now = time.time()
@@ -198,7 +212,8 @@ class Ledger:
         if not overdue:
             return 0
         queues = {self.settings.queue, self.settings.fallback_queue, self.settings.send_queue}
-        for raw in client.hmget(self._entries, overdue):
+        first = client.hmget(self._entries, overdue)
+        for raw in first:
             queue = _queue_of(raw)
             if queue:
                 queues.add(queue)
@@ -208,9 +223,12 @@ class Ledger:
             unacked = b"".join(broker.hvals("unacked") or [])
             raws = client.hmget(self._entries, overdue)
             republished = 0
-            for task_id, raw in zip(overdue, raws, strict=True):
+            for task_id, was, raw in zip(overdue, first, raws, strict=True):
                 if raw is None:  # ended meanwhile
-                    client.zrem(self._due, task_id)
+                    run_script(self.settings, _FORGET, [self._entries, self._due], [task_id])
+                    continue
+                if raw != was:  # retried or released between the reads: it has moved on
+                    client.zadd(self._due, {task_id: now + self.grace})
                     continue
                 try:
                     entry = json.loads(raw)

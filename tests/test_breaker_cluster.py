@@ -61,6 +61,8 @@ def cluster(redis_base_url: str) -> Iterator[dict[str, Any]]:
             with producer.connection_for_read() as conn:
                 receiver = producer.events.Receiver(conn, handlers={"*": events.append})
                 receivers.append(receiver)
+                if stop.is_set():  # teardown already told the receivers to stop
+                    break
                 try:
                     receiver.capture(limit=None, timeout=None, wakeup=False)
                 except (TimeoutError, OSError):

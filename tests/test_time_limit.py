@@ -41,7 +41,7 @@ def test_a_delivery_killed_by_the_time_limit_is_redelivered_and_applied_once() -
 
 def test_an_operation_that_always_hits_the_time_limit_ends_in_dead_letters() -> None:
     # One request an operation: an identify that waited past the batching linger would go in a
-    # batch, and the kills counted below would be the batch's (the batch case is the next test).
+    # batch, and the kills counted below would be the batch's (the batch case is the last test).
     with chaos_cluster(workers=1, concurrency=1, CIO_MAX_RETRIES="2", CIO_BATCH_COALESCE="0", **ENV) as c:
         c.fake.set_latency(2.5)
         c.task("identify").delay("user-1", seq=0)
@@ -64,9 +64,7 @@ def test_a_poison_operation_in_a_batch_is_dead_lettered_alone_and_the_rest_deliv
     from cio_celery.settings import settings_for_app
     from cio_celery.ulid import new_ulid
 
-    # One request an operation: an identify that waited past the batching linger would go in a
-    # batch, and the kills counted below would be the batch's (the batch case is the next test).
-    with chaos_cluster(workers=1, concurrency=1, CIO_MAX_RETRIES="2", CIO_BATCH_COALESCE="0", **ENV) as c:
+    with chaos_cluster(workers=1, concurrency=1, CIO_MAX_RETRIES="2", **ENV) as c:
         c.fake.set_slow_for("poison-user", 2.5)
         users = ["user-0", "user-1", "poison-user", "user-3", "user-4"]
         group = [{"operation": "track", "task_id": f"item-{i}", "kwargs": {},
