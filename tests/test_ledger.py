@@ -134,3 +134,26 @@ def test_a_batch_is_one_record_and_a_lost_batch_is_republished_whole(rig: dict[s
     assert len(fake.applied) == 5, "each item applied once"
     assert wait_until(lambda: ledger.depth() == 0, timeout=5, what="the batch's record to be cleared")
     assert "ledger republished 1 operations" in rig["worker"].log_text()
+
+
+def test_the_sweeper_forgets_an_ended_entry_but_not_one_recorded_again(redis_base_url: str) -> None:
+    """An entry that ended loses its due time; one recorded again after the sweeper saw it
+    missing (parked, then released) keeps it, or it would never be swept again."""
+    from cio_celery.ledger import _FORGET
+    from cio_celery.settings import build_settings
+    from cio_celery.store import run_script
+
+    store_url = f"{redis_base_url}/12"
+    flush(store_url)
+    settings = build_settings({"redis_url": store_url}, environ={})
+    ledger = Ledger(settings)
+    client = redis.Redis.from_url(store_url)
+    for task_id in ("ended", "again"):
+        ledger.record_now([ledger.record_message_call("cio_celery.track", task_id, [], {}, "cio", time.time())])
+    assert ledger.depth() == 2
+    client.hdel(key(settings, "ledger"), "ended")  # cleared by its outcome; "again" was recorded anew
+    for task_id in ("ended", "again"):
+        run_script(settings, _FORGET, [key(settings, "ledger"), key(settings, "ledger", "due")], [task_id])
+    assert client.zscore(key(settings, "ledger", "due"), "ended") is None
+    assert client.zscore(key(settings, "ledger", "due"), "again") is not None
+    assert ledger.depth() == 1
