@@ -242,6 +242,20 @@ def write_file(walk: Walk, block: Block) -> None:
     walk.steps.append({"file": m.group(1), "what": "appended" if m.group(2) else "written"})
 
 
+# The v2 actions the fake names a batch item by ("batch:<action>"), as the operation a caller
+# enqueued. An operation goes alone, or, when its message waited in its queue past the
+# batching linger (a loaded machine), as an item of a v2 batch: delivered either way.
+_BATCH_ACTIONS = {"event": "track", "page": "pageview"}
+
+
+def operation_of(op: dict[str, Any]) -> str:
+    name = str(op["operation"])
+    if name.startswith("batch:"):
+        action = name.removeprefix("batch:")
+        return _BATCH_ACTIONS.get(action, action)
+    return name
+
+
 def applied(fake_port: int) -> list[dict[str, Any]]:
     with urllib.request.urlopen(f"http://127.0.0.1:{fake_port}/_fake/applied", timeout=5) as answer:
         return list(json.load(answer))
@@ -268,7 +282,7 @@ def follow(doc: Path, root: Path) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while True:
             ops = applied(walk.ports["fake"])
-            if any(op["operation"] == "identify" for op in ops):
+            if "identify" in {operation_of(op) for op in ops}:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("no identify reached the fake Customer.io within 60 s:\n"
@@ -278,7 +292,8 @@ def follow(doc: Path, root: Path) -> dict[str, Any]:
             "doc": str(doc),
             "ok": True,
             "seconds_to_first_delivery": round(time.monotonic() - walk.started, 2),
-            "applied": sorted({op["operation"] for op in ops}),
+            "applied": sorted({operation_of(op) for op in ops}),
+            "batched": sorted({operation_of(op) for op in ops if op["operation"].startswith("batch:")}),
             "project": str(walk.cwd),
             "env": {k: v for k, v in walk.env.items() if k.startswith(("CIO_", "FLOWER_"))},
             "ports": walk.ports,
