@@ -7,7 +7,8 @@ No rate limit, an instant fake Customer.io, the store on its own ``redis-server`
 ``celery worker -P solo`` runs under ``cProfile`` until all are applied, and stops warm (the
 profile is written at exit). Prints operations per second under the profiler and the
 cumulative time per operation of the task body, the store round trips, redis-py's argument
-packing, the HTTP send and kombu's client creation. Profiles go to ``--out`` (a temporary
+packing, the HTTP send (each client's ``send_request``) and kombu's client creation. The
+profiler slows everything; compare the two columns of one run, not runs. Profiles go to ``--out`` (a temporary
 folder by default) for ``python -m pstats``.
 """
 
@@ -35,7 +36,7 @@ PARTS = [
     ("task body", r"(cio_celery/tasks.py.*\(track\)|bench_app.py.*\(bare_track\))"),
     ("store round trips (run_script)", r"cio_celery/store.py.*\(run_script\)"),
     ("redis-py argument packing", r"redis/connection.py.*\(pack\)"),
-    ("HTTP send (requests Session.request)", r"requests/sessions.py.*\(request\)"),
+    ("HTTP send (the client's send_request)", r"(cio_celery/client.py|customerio/client_base.py).*\(send_request\)"),
     ("kombu _create_client", r"kombu/transport/redis.py.*\(_create_client\)"),
 ]
 
