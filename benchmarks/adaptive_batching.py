@@ -284,18 +284,22 @@ def mixed(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flus
     return {"sends": len(sent_at), "applied": len(lat), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
 
 
+def enqueue_unlimited(app: Any, variant: str, n: int) -> None:
+    """Queue ``n`` track calls for the no-limit pair: ``bare`` (the bare SDK task) or ours."""
+    for i in range(n):
+        if variant == "bare":
+            app.tasks["bench.bare_track"].apply_async((f"user-{i % 500}", "purchased", {"seq": i}), queue="bare")
+        else:
+            app.tasks["cio_celery.track"].delay(f"user-{i % 500}", "purchased", {"seq": i})
+
+
 def unlimited(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flush: Any, variant: str,
               spool: str, log: Path) -> dict[str, Any]:
     flush()
     fake.clear()
     fake.clear_faults()
     n = args.unlimited_n
-    app = producer_app(broker_url, store_url, spool, cio_rate_limit_track=0)
-    for i in range(n):
-        if variant == "bare":
-            app.tasks["bench.bare_track"].apply_async((f"user-{i % 500}", "purchased", {"seq": i}), queue="bare")
-        else:
-            app.tasks["cio_celery.track"].delay(f"user-{i % 500}", "purchased", {"seq": i})
+    enqueue_unlimited(producer_app(broker_url, store_url, spool, cio_rate_limit_track=0), variant, n)
     worker = start_worker(worker_env(fake, broker_url, store_url, CIO_RATE_LIMIT_TRACK="0"), args.concurrency, log)
     try:
         deadline = time.monotonic() + 300

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.adaptive_batching import producer_app, worker_env  # noqa: E402
+from benchmarks.adaptive_batching import enqueue_unlimited, producer_app, worker_env  # noqa: E402
 from cio_celery.testing import FakeCustomerIO  # noqa: E402
 from cio_celery.testing.redis_server import RedisServer  # noqa: E402
 
@@ -45,12 +45,7 @@ def run(variant: str, ops: int, out: Path) -> tuple[float, Path]:
     with RedisServer() as broker, RedisServer() as store, tempfile.TemporaryDirectory() as spool, \
             FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak") as fake:
         broker_url, store_url = f"{broker.url}/0", f"{store.url}/0"
-        app = producer_app(broker_url, store_url, spool, cio_rate_limit_track=0)
-        for i in range(ops):
-            if variant == "bare":
-                app.tasks["bench.bare_track"].apply_async((f"user-{i % 500}", "purchased", {"seq": i}), queue="bare")
-            else:
-                app.tasks["cio_celery.track"].delay(f"user-{i % 500}", "purchased", {"seq": i})
+        enqueue_unlimited(producer_app(broker_url, store_url, spool, cio_rate_limit_track=0), variant, ops)
         profile = out / f"{variant}.prof"
         proc = subprocess.Popen(
             [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "celery", "-A", "benchmarks.bench_app",
