@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.adaptive_batching import (  # noqa: E402
     applied_rate,
     flood,
+    latencies,
+    limited_fake,
     pct,
     producer_app,
     start_worker,
@@ -72,10 +74,7 @@ def paced(broker: str, store: str, spool: str, rate: float, n: int, sent_at: Any
 def reset(fake: FakeCustomerIO, urls: tuple[str, ...] = ()) -> None:
     for url in urls:
         redis.Redis.from_url(url).flushdb()
-    fake.clear()
-    fake.clear_faults()
-    fake.set_latency(0.03)
-    fake.set_rate_limit(100, 1.0)
+    limited_fake(fake)
 
 
 def load(fake: FakeCustomerIO, broker_url: str, store_url: str, spool: str, rate: float,
@@ -89,12 +88,7 @@ def load(fake: FakeCustomerIO, broker_url: str, store_url: str, spool: str, rate
     deadline = time.monotonic() + 30
     while len(fake.applied) < n and time.monotonic() < deadline:
         time.sleep(0.05)
-    lat = []
-    for a in fake.applied:
-        seq = ((a.json or {}).get("data") or (a.json or {}).get("attributes") or {}).get("seq")
-        if isinstance(seq, int) and 0 <= seq < n and sent_at[seq] > 0:
-            lat.append(a.applied_at - sent_at[seq])
-    lat.sort()
+    lat = latencies(fake, {i: sent_at[i] for i in range(n) if sent_at[i] > 0})
     ok = [r for r in fake.requests if r.status == 200]
     times = [r.received_at for r in fake.requests]
     span = max(times) - min(times) if len(times) > 1 else 0.0

@@ -211,7 +211,7 @@ class Ledger:
         overdue = [t.decode() for t in client.zrangebyscore(self._due, "-inf", now, start=0, num=limit)]
         if not overdue:
             return 0
-        queues = {self.settings.queue, self.settings.fallback_queue, self.settings.send_queue}
+        queues = set(self.settings.queues)
         first = client.hmget(self._entries, overdue)
         for raw in first:
             queue = _queue_of(raw)

@@ -151,9 +151,9 @@ def test_the_sweeper_forgets_an_ended_entry_but_not_one_recorded_again(redis_bas
     for task_id in ("ended", "again"):
         ledger.record_now([ledger.record_message_call("cio_celery.track", task_id, [], {}, "cio", time.time())])
     assert ledger.depth() == 2
-    client.hdel(key(settings, "ledger"), "ended")  # cleared by its outcome; "again" was recorded anew
+    client.hdel(ledger._entries, "ended")  # cleared by its outcome; "again" was recorded anew
     for task_id in ("ended", "again"):
-        run_script(settings, _FORGET, [key(settings, "ledger"), key(settings, "ledger", "due")], [task_id])
-    assert client.zscore(key(settings, "ledger", "due"), "ended") is None
-    assert client.zscore(key(settings, "ledger", "due"), "again") is not None
+        run_script(settings, _FORGET, [ledger._entries, ledger._due], [task_id])
+    assert client.zscore(ledger._due, "ended") is None
+    assert client.zscore(ledger._due, "again") is not None
     assert ledger.depth() == 1
