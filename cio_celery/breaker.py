@@ -332,6 +332,11 @@ class Breaker:
         self._bucket = max(0.1, settings.breaker_window / 10.0)
         self._buckets = 10
 
+    @property
+    def state_key(self) -> str:
+        """The hash holding the shared state (field ``st``: 0 closed, 1 open, 2 half-open)."""
+        return self._keys3[0]
+
     # -- pybreaker-compatible surface --------------------------------------------------
 
     @property

@@ -25,6 +25,18 @@ queue), which keeps every guarantee per item
 (claims, done marks, 207 per item, event ids: see batching.py). An operation that cannot join a
 batch (no v2 form, over 32 KB) is published alone, marked so that it is never coalesced again.
 
+At enqueue (``batch_at_enqueue``, :func:`buffer_at_enqueue`): past the limit, ``.delay()`` of a
+batchable operation appends it to the same buffer itself, in one store round trip, instead of
+publishing one Celery message that a worker would take, admit and acknowledge only to append it
+there. The call returns once the store holds the entry, which is as durable as a published
+message (both are a Redis write; the buffer is drained by the same drainer, its entries removed
+only once their batch is published). The store decides in one script: the breaker is closed,
+the buffer is below its cap, and it already holds operations or more batchable operations
+arrived during the last second than single requests carry. Otherwise, or when the store does not
+answer, the operation is published as usual; a process that heard "not now" publishes as usual
+for the next ``ENQUEUE_RECHECK`` seconds without asking (light load costs one round trip a tenth
+of a second, not one a call), one whose store failed for ``ENQUEUE_BACKOFF`` seconds.
+
 Keys: ``{prefix}:coalesce`` (list of entries, as parked ones), ``{prefix}:coalesce:since`` (ms
 when the buffer last became non-empty), ``{prefix}:coalesce:arrivals`` (hash: unix second ->
 arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease).
@@ -33,17 +45,21 @@ arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import secrets
 import threading
+import time
 from typing import Any
 
+from ._process import PerProcess
 from .fallback import Fallback
 from .limiter import Limiter
+from .operations import BATCHABLE
 from .settings import Settings
 from .store import ScriptCall, key, run_script
 
-__all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "coalescing"]
+__all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "buffer_at_enqueue", "buffered_at_enqueue", "coalescing"]
 
 logger = logging.getLogger("cio_celery.coalesce")
 
@@ -148,6 +164,94 @@ def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None
         keys += list(c.keys)
         args += list(c.args)
     return ScriptCall(_admit_text(claim.text, acq.text, slot.text), keys, args)
+
+
+# Seconds a producer that heard "not now" publishes as usual before it asks the store again, and
+# seconds it does so after the store failed to answer.
+ENQUEUE_RECHECK = 0.1
+ENQUEUE_BACKOFF = 30.0
+# Entries larger than this are published as usual: the drainer would send them alone anyway.
+ENQUEUE_MAX_ENTRY = 32_000
+
+# KEYS: buffer, since, arrivals, breaker state. ARGV: entry, single requests per second, cap.
+# 1: appended; 0: publish the operation as usual.
+_ENQUEUE = """
+local st = redis.pcall('HGET', KEYS[4], 'st')
+if type(st) == 'table' or (st and st ~= '0') then return 0 end
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[3]) then return 0 end
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local arrived = tonumber(redis.call('HGET', KEYS[3], tostring(sec - 1)) or '0') or 0
+if depth == 0 and arrived <= tonumber(ARGV[2]) then return 0 end
+if redis.call('HINCRBY', KEYS[3], tostring(sec), 1) == 1 then
+  redis.call('HDEL', KEYS[3], tostring(sec - 2))
+  redis.call('EXPIRE', KEYS[3], 5)
+end
+if redis.call('RPUSH', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SET', KEYS[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
+end
+return 1
+"""
+
+
+class _EnqueuePlan:
+    """What a producer needs to buffer at enqueue for one settings object (built once)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .breaker import breaker_for
+
+        limiter = Limiter(settings)
+        self.enabled = settings.batch_at_enqueue and coalescing(settings, limiter)
+        self.rate = repr(limiter.rate_of("track"))
+        state = [key(settings, "breaker", "state-off")]
+        if settings.breaker_enabled:
+            state = [breaker_for(settings).state_key]
+        self.keys = [key(settings, "coalesce"), key(settings, "coalesce", "since"),
+                     key(settings, "coalesce", "arrivals"), *state]
+        self.not_before = 0.0  # monotonic: publish as usual until then
+        self.buffered = 0
+
+
+_plans: PerProcess[_EnqueuePlan] = PerProcess()
+
+
+def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: list[Any],
+                      kwargs: dict[str, Any]) -> bool:
+    """Append a new batchable operation to the batching buffer if the workers are past the
+    limit (see the module docstring); False: publish it as usual. Never raises."""
+    if operation not in BATCHABLE:
+        return False
+    plan = _plans.get(id(settings), lambda: _EnqueuePlan(settings))
+    if not plan.enabled:
+        return False
+    now = time.monotonic()
+    if now < plan.not_before:
+        return False
+    try:
+        entry = json.dumps({"operation": operation, "task_id": task_id, "args": args, "kwargs": kwargs},
+                           separators=(",", ":"))
+    except (TypeError, ValueError):
+        return False  # the worker's json serializer names the problem when it is published
+    if len(entry) > ENQUEUE_MAX_ENTRY:
+        return False
+    try:
+        took = int(run_script(settings, _ENQUEUE, plan.keys, [entry, plan.rate, COALESCE_MAX]))
+    except Exception as exc:  # noqa: BLE001 - the store is down or slow: the broker takes it
+        plan.not_before = now + ENQUEUE_BACKOFF
+        logger.warning("cio_celery batching at enqueue paused for %.0f s: the store failed (%s)",
+                       ENQUEUE_BACKOFF, type(exc).__name__)
+        return False
+    if not took:
+        plan.not_before = now + ENQUEUE_RECHECK
+        return False
+    plan.buffered += 1
+    return True
+
+
+def buffered_at_enqueue(settings: Settings) -> int:
+    """How many operations this process appended to the buffer at enqueue with ``settings``."""
+    return _plans.get(id(settings), lambda: _EnqueuePlan(settings)).buffered
 
 
 # KEYS: buffer, since. The buffer's length, when it last became non-empty (ms) and the time.

@@ -226,6 +226,12 @@ SETTINGS: tuple[Setting, ...] = (
         "lets single requests go, they wait in a buffer and leave as `/api/v2/batch` requests; "
         "below the limit each goes alone.",
     ),
+    Setting("batch_at_enqueue", "CIO_BATCH_AT_ENQUEUE", _bool,
+        "With adaptive batching, past the rate limit `.delay()` of a batchable operation appends it "
+        "to the batching buffer in the store (one round trip) instead of publishing one Celery "
+        "message per operation; below the limit, or when the store does not answer, it publishes "
+        "as usual.",
+    ),
     Setting("batch_linger", "CIO_BATCH_LINGER", float,
         "Longest an operation waits in the batching buffer before its batch leaves, seconds.",
     ),
@@ -321,6 +327,7 @@ class Settings:
     ledger: bool = True
     batch_drain: bool = True
     batch_coalesce: bool = True
+    batch_at_enqueue: bool = True
     batch_linger: float = 0.1
     batch_min_size: int = 20
     batch_max_operations: int = 1000

@@ -21,6 +21,7 @@ from . import (
     delivery,
 )
 from .breaker import add_listener as add_breaker_listener
+from .coalesce import buffer_at_enqueue
 from .exceptions import PermanentError, ValidationError
 from .ledger import Ledger, ledger_enabled
 from .meta import META_KEY, is_internal_publish
@@ -141,6 +142,9 @@ class CioTask(Task):  # type: ignore[misc]
         if meta is None:
             _check_delay(self.operation, options, settings)
         caller_key = options.pop("idempotency_key", None)
+        # Only a plain call may skip its own message (see coalesce.buffer_at_enqueue): one that
+        # names a queue, a delay, a producer or callbacks gets the message it asked for.
+        plain = not options and producer is None and link is None and link_error is None and shadow is None
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)
         new_operation = meta is None
@@ -183,6 +187,10 @@ class CioTask(Task):  # type: ignore[misc]
                 nargs_list, nkwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error, shadow=shadow, **options,
             )
+        if plain and buffer_at_enqueue(settings, self.operation, cast(str, task_id), nargs_list,
+                                       {**nkwargs, META_KEY: {k: v for k, v in meta.items() if k != "at"}}):
+            # Past the rate limit: in the batching buffer (store), which the workers drain.
+            return self.AsyncResult(task_id)
         return self._publish_bounded(
             nargs_list, nkwargs, cast(str, task_id), producer, link, link_error, shadow, options
         )
