@@ -30,8 +30,9 @@ batchable operation appends it to the same buffer itself, in one store round tri
 publishing one Celery message that a worker would take, admit and acknowledge only to append it
 there. The call returns once the store holds the entry, which is as durable as a published
 message (both are a Redis write; the buffer is drained by the same drainer, its entries removed
-only once their batch is published). The store decides in one script: the breaker is closed,
-the buffer is below its cap, and it already holds operations or more batchable operations
+only once their batch is published). The store decides in one script: a worker's drainer holds its lease
+(none would drain an entry of a producer whose workers run with batching off), the breaker is
+closed, the buffer is below its cap, and it already holds operations or more batchable operations
 arrived during the last second than single requests carry. Otherwise, or when the store does not
 answer, the operation is published as usual; a process that heard "not now" publishes as usual
 for the next ``ENQUEUE_RECHECK`` seconds without asking (light load costs one round trip a tenth
@@ -173,9 +174,12 @@ ENQUEUE_BACKOFF = 30.0
 # Entries larger than this are published as usual: the drainer would send them alone anyway.
 ENQUEUE_MAX_ENTRY = 32_000
 
-# KEYS: buffer, since, arrivals, breaker state. ARGV: entry, single requests per second, cap.
-# 1: appended; 0: publish the operation as usual.
+# KEYS: buffer, since, arrivals, breaker state, drainer lease. ARGV: entry, single requests per
+# second, cap. 1: appended; 0: publish the operation as usual.
 _ENQUEUE = """
+-- No worker drains the buffer (none runs, or they run with batching off): a message waits for
+-- a worker in the broker, an entry here would wait for nobody.
+if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
 local st = redis.pcall('HGET', KEYS[4], 'st')
 if type(st) == 'table' or (st and st ~= '0') then return 0 end
 local depth = redis.call('LLEN', KEYS[1])
@@ -208,7 +212,7 @@ class _EnqueuePlan:
         if settings.breaker_enabled:
             state = [breaker_for(settings).state_key]
         self.keys = [key(settings, "coalesce"), key(settings, "coalesce", "since"),
-                     key(settings, "coalesce", "arrivals"), *state]
+                     key(settings, "coalesce", "arrivals"), *state, key(settings, "coalesce", "drainer")]
         self.not_before = 0.0  # monotonic: publish as usual until then
         self.buffered = 0
 

@@ -60,6 +60,11 @@ class Rig:
     proxied_store_url: str
     spool: Path
 
+    def producer_with(self, **conf: Any) -> Celery:
+        app = self.producer()
+        app.conf.update(conf)
+        return app
+
     def producer(self) -> Celery:
         """A new producer app (its own settings object, so its own enqueue plan)."""
         app = Celery("enqueue-buffer-producer", broker=self.broker_url, set_as_current=False)
@@ -106,6 +111,12 @@ def r(rig: Rig) -> Iterator[Rig]:
     rig.fake.clear()
     rig.fake.clear_faults()
     rig.fake.set_latency(0.0)
+    # The worker's drainer takes its lease a moment after the worker is ready (and again after
+    # the flush): until then the store rightly declines every append.
+    deadline = time.monotonic() + 10
+    while not rig.store.exists("{cio}:coalesce:drainer") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rig.store.exists("{cio}:coalesce:drainer"), rig.worker.tail(20)
     yield rig
     rig.proxy.stop_counting()
 
@@ -221,3 +232,20 @@ def test_with_the_breaker_open_or_its_state_damaged_the_store_declines(r: Rig) -
     producer3 = r.producer()
     assert coalesce.buffer_at_enqueue(settings_for_app(producer3), "track", "t-closed", args, kwargs)
     assert r.store.llen("{cio}:coalesce") + len(r.fake.requests) >= 1
+
+
+def test_without_a_drainer_for_its_buffer_the_store_declines(r: Rig) -> None:
+    # Workers that run with batching off (or none at all) hold no drainer lease for the buffer:
+    # here, a producer whose key prefix no worker uses.
+    producer = r.producer_with(cio_key_prefix="nodrainer")
+    settings = settings_for_app(producer)
+    assert settings.key_prefix == "nodrainer"
+    now = int(r.store.time()[0])
+    r.store.hset("{nodrainer}:coalesce:arrivals", mapping={str(now + d): 1000 for d in range(-1, 30)})
+    args, kwargs = ["user-0", "x", {"seq": 0}, "01JD0000000000000000000000", None], {"_cio": {"key": "k"}}
+    assert not coalesce.buffer_at_enqueue(settings, "track", "t-none", args, kwargs)
+    assert r.store.llen("{nodrainer}:coalesce") == 0
+    r.store.set("{nodrainer}:coalesce:drainer", "a-worker", px=5000)  # as a worker's drainer holds it
+    assert coalesce.buffer_at_enqueue(settings_for_app(r.producer_with(cio_key_prefix="nodrainer")),
+                                      "track", "t-some", args, kwargs)
+    assert r.store.llen("{nodrainer}:coalesce") == 1
