@@ -187,8 +187,7 @@ class CioTask(Task):  # type: ignore[misc]
                 nargs_list, nkwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error, shadow=shadow, **options,
             )
-        if plain and buffer_at_enqueue(settings, self.operation, cast(str, task_id), nargs_list,
-                                       {**nkwargs, META_KEY: {k: v for k, v in meta.items() if k != "at"}}):
+        if plain and buffer_at_enqueue(settings, self.operation, cast(str, task_id), nargs_list, nkwargs):
             # Past the rate limit: in the batching buffer (store), which the workers drain.
             return self.AsyncResult(task_id)
         return self._publish_bounded(
