@@ -192,6 +192,25 @@ def test_adaptive_batching_admits_on_a_cluster(cluster_servers: RedisClusterServ
     assert redis_for(s).llen(key(s, "coalesce")) == 1
 
 
+def test_batching_at_enqueue_appends_on_a_cluster(cluster_servers: RedisClusterServers) -> None:
+    """The enqueue script's keys (buffer, its age, arrivals, breaker, drainer lease) share the
+    store's common slot: one script on one master, declined without a drainer, appended with one."""
+    from cio_celery.coalesce import buffer_at_enqueue
+
+    s = build_settings({"redis_url": cluster_servers.url, "rate_limit_track": 100.0, "timeout": 2.0,
+                        "key_prefix": "enq"}, environ={})
+    r = redis_for(s)
+    now = int(r.time()[0])
+    r.hset(key(s, "coalesce", "arrivals"), mapping={str(now + d): 1000 for d in range(-1, 30)})
+    args, kwargs = ["user-0", "x", {"seq": 0}, "01JD0000000000000000000000", None], {"_cio": {"key": "k"}}
+    assert not buffer_at_enqueue(s, "track", "t-0", args, kwargs)  # no drainer holds the lease
+    r.set(key(s, "coalesce", "drainer"), "worker", px=5000)
+    s2 = build_settings({"redis_url": cluster_servers.url, "rate_limit_track": 100.0, "timeout": 2.0,
+                         "key_prefix": "enq"}, environ={})  # a new plan: the first waits a tenth of a second
+    assert buffer_at_enqueue(s2, "track", "t-1", args, kwargs)
+    assert r.llen(key(s, "coalesce")) == 1 and r.get(key(s, "coalesce", "since")) is not None
+
+
 def test_a_ledger_record_landing_after_the_operation_ended_is_not_written(settings: Settings) -> None:
     claims = Claims(settings)
     ledger = Ledger(settings)
