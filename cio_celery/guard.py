@@ -13,12 +13,17 @@ that stops, instead of calling again. If the dead letter cannot be written, the 
 its lease and its attempt marker stays, so the next attempt knows an earlier one never finished.
 
 Settling never raises: the outcome already decided stands, and a store that cannot take the
-update loses one breaker sample, or a done mark (logged: a redelivery could then go through).
+update loses one breaker sample. A done mark it could not write is not lost: the process keeps
+it (:class:`PendingMarks`) and writes it as soon as the store answers again, so that a copy of
+the delivered operation (a requeued batch, a redelivered or republished message) finds it done
+instead of sending again once the claim's lease has run out.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -26,7 +31,7 @@ from typing import Any, TypeVar
 from .breaker import Breaker, Permit, breaker_for
 from .coalesce import CLAIM_LATER, admit_call
 from .exceptions import DeliveryError, StoreStateError
-from .idempotency import Claim, Claims
+from .idempotency import _DONE, Claim, Claims
 from .ledger import Ledger
 from .limiter import Limiter, Slot, bucket_of
 from .policy import CallOutcome, breaker_outcome
@@ -117,12 +122,110 @@ class _Base:
             results = run_pipelined(self.settings, calls) if pipelined else run_scripts(self.settings, calls)
         except Exception as exc:  # noqa: BLE001 - the decided outcome stands (see the module docstring)
             _warn("store_update_failed", exc, delivered=delivered)
+            if delivered:
+                pending_marks().add(self.settings, [c for c in calls[:n_claim_calls] if c.text == _DONE])
             return
         if record and self.breaker is not None:
             try:
                 self.breaker.record_result(results[n_claim_calls], outcome)
             except Exception as exc:  # noqa: BLE001 - a breaker sample lost, no more
                 _warn("breaker_record_unreadable", exc)
+
+
+class PendingMarks:
+    """Done marks of delivered operations that the store could not take, written again by a
+    thread of this process every ``interval`` seconds until it answers.
+
+    A done mark is always right to write (the operation was delivered) and writing it twice
+    changes nothing, so they are retried as they are. Bounded: at most ``limit`` marks, each
+    kept at most ``max_age`` seconds (logged when one is given up); lost if the process dies.
+    """
+
+    interval = 0.25
+    limit = 100_000
+    max_age = 3600.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[tuple[Settings, ScriptCall, float]] = []
+        self._thread: threading.Thread | None = None
+        self._flushing = 0
+        self.written = 0
+        self.given_up = 0
+
+    def add(self, settings: Settings, calls: list[ScriptCall]) -> None:
+        if not calls:
+            return
+        now = time.monotonic()
+        with self._lock:
+            room = self.limit - len(self._items)
+            if room < len(calls):
+                self.given_up += len(calls) - max(0, room)
+                logger.error("cio_celery %d done marks not kept (%d already wait for the store)",
+                             len(calls) - max(0, room), len(self._items),
+                             extra={"cio_event": "done_marks_given_up"})
+            self._items += [(settings, c, now) for c in calls[:max(0, room)]]
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cio-pending-marks", daemon=True)
+                self._thread.start()
+
+    def pending(self) -> int:
+        """Marks not written yet (those being written now included)."""
+        with self._lock:
+            return len(self._items) + self._flushing
+
+    def flush(self) -> int:
+        """Try to write every pending mark once; returns how many were written."""
+        with self._lock:
+            items, self._items = self._items, []
+            self._flushing = len(items)
+        by_settings: dict[int, tuple[Settings, list[tuple[Settings, ScriptCall, float]]]] = {}
+        for item in items:
+            by_settings.setdefault(id(item[0]), (item[0], []))[1].append(item)
+        keep: list[tuple[Settings, ScriptCall, float]] = []
+        written = 0
+        now = time.monotonic()
+        for settings, group in by_settings.values():
+            try:
+                run_pipelined(settings, [c for _s, c, _t in group])
+                written += len(group)
+            except Exception:  # noqa: BLE001 - the store is still away: keep them
+                fresh = [g for g in group if now - g[2] < self.max_age]
+                if len(fresh) < len(group):
+                    self.given_up += len(group) - len(fresh)
+                    logger.error("cio_celery %d done marks given up after %.0f s without a store",
+                                 len(group) - len(fresh), self.max_age,
+                                 extra={"cio_event": "done_marks_given_up"})
+                keep += fresh
+        with self._lock:
+            self._items = keep + self._items
+            self._flushing = 0
+        if written:
+            self.written += written
+            logger.warning("cio_celery %d done marks written after the store came back", written,
+                           extra={"cio_event": "done_marks_written", "cio_count": written})
+        return written
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
+            with self._lock:
+                if not self._items:
+                    self._thread = None
+                    return
+
+
+_pending: dict[int, PendingMarks] = {}
+
+
+def pending_marks() -> PendingMarks:
+    """This process's pending done marks (a forked pool process starts with none)."""
+    pid = os.getpid()
+    found = _pending.get(pid)
+    if found is None:
+        found = _pending.setdefault(pid, PendingMarks())
+    return found
 
 
 def _warn(event: str, exc: BaseException, **extra: Any) -> None:

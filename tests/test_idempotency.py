@@ -230,3 +230,32 @@ def test_a_bad_ambiguous_sends_setting_names_the_setting() -> None:
         build_settings({"ambiguous_sends": "send_mail=retry"}, environ={})
     assert info.value.setting == "ambiguous_sends"
     assert "send_email" in str(info.value)
+
+
+def test_a_done_mark_the_stopped_store_could_not_take_is_written_when_it_returns(tmp_path: Any) -> None:
+    """Delivered, then the store stops before the done mark: the process keeps the mark and
+    writes it once the store is back, so a copy finds the operation done instead of sending
+    again when the claim's lease has run out."""
+    from cio_celery.guard import Guard, pending_marks
+    from cio_celery.testing.redis_server import RedisServer
+
+    with RedisServer(appendonly=True) as server:
+        s = build_settings({"redis_url": f"{server.url}/0", "rate_limit_track": 0.0, "timeout": 1.0}, environ={})
+        before = pending_marks().written
+        with Guard(s, "track", "key-stopped", "task-stopped") as guard:
+            guard.take()
+            assert guard.claim is not None and guard.claim.state == "claimed"
+
+
+            def send() -> dict[str, Any]:
+                server.stop()  # the store goes while Customer.io answers
+                return {}
+
+            guard.call(send)  # accepted: settled at once, and the store refuses the done mark
+        assert pending_marks().pending() >= 1, "the mark waits for the store"
+        time.sleep(0.6)  # the pending thread tries again while the store is down: still kept
+        assert pending_marks().pending() >= 1
+        server.start()
+        wait_until(lambda: pending_marks().pending() == 0, timeout=10)
+        assert pending_marks().written > before
+        assert Claims(s).claim("track", "key-stopped").state == "done", "a copy is suppressed"
