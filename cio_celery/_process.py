@@ -28,6 +28,10 @@ class PerProcess(Generic[V]):
                     self._items[k] = found
         return found
 
+    def put(self, key: Hashable, value: V) -> None:
+        with self._lock:
+            self._items[(os.getpid(), key)] = value
+
     def values(self) -> list[V]:
         pid = os.getpid()
         return [v for (p, _), v in list(self._items.items()) if p == pid]

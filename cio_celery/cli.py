@@ -353,7 +353,8 @@ def _batching_line(b: dict[str, Any] | None) -> str:
     share = "-" if b["batched_share"] is None else f"{100 * b['batched_share']:.0f} %"
     per = "-" if b["per_request"] is None else f"{b['per_request']:g}"
     return (f"{b['batched']} delivered in {b['batch_requests']} batch requests ({per} per request), "
-            f"{b['single']} alone; {share} batched; {b['buffer']} waiting in the buffer")
+            f"{b['single']} alone; {share} batched; {b['buffer']} waiting in the buffer; "
+            f"{b.get('appended_at_enqueue', 0)} appended at enqueue")
 
 
 def _status_text(data: dict[str, Any]) -> str:

@@ -171,11 +171,14 @@ def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None
 # seconds it does so after the store failed to answer.
 ENQUEUE_RECHECK = 0.1
 ENQUEUE_BACKOFF = 30.0
+# The longest the caller's store check may take (connect or answer, no retry): past it the
+# operation is published as usual, so `.delay()` waits at most this plus `enqueue_timeout`.
+ENQUEUE_STORE_TIMEOUT = 0.1
 # Entries larger than this are published as usual: the drainer would send them alone anyway.
 ENQUEUE_MAX_ENTRY = 32_000
 
-# KEYS: buffer, since, arrivals, breaker state, drainer lease. ARGV: entry, single requests per
-# second, cap. 1: appended; 0: publish the operation as usual.
+# KEYS: buffer, since, arrivals, breaker state, drainer lease, stats. ARGV: entry, single requests
+# per second, cap. 1: appended; 0: publish the operation as usual.
 _ENQUEUE = """
 -- No worker drains the buffer (none runs, or they run with batching off): a message waits for
 -- a worker in the broker, an entry here would wait for nobody.
@@ -195,6 +198,7 @@ end
 if redis.call('RPUSH', KEYS[1], ARGV[1]) == 1 then
   redis.call('SET', KEYS[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
 end
+redis.call('HINCRBY', KEYS[6], 'enqueue:appended', 1)
 return 1
 """
 
@@ -205,6 +209,7 @@ class _EnqueuePlan:
     def __init__(self, settings: Settings) -> None:
         from .breaker import breaker_for
 
+        self.settings = settings
         limiter = Limiter(settings)
         self.enabled = settings.batch_at_enqueue and coalescing(settings, limiter)
         self.rate = repr(limiter.rate_of("track"))
@@ -212,12 +217,22 @@ class _EnqueuePlan:
         if settings.breaker_enabled:
             state = [breaker_for(settings).state_key]
         self.keys = [key(settings, "coalesce"), key(settings, "coalesce", "since"),
-                     key(settings, "coalesce", "arrivals"), *state, key(settings, "coalesce", "drainer")]
+                     key(settings, "coalesce", "arrivals"), *state, key(settings, "coalesce", "drainer"),
+                     key(settings, "stats")]
         self.not_before = 0.0  # monotonic: publish as usual until then
         self.buffered = 0
 
 
 _plans: PerProcess[_EnqueuePlan] = PerProcess()
+
+
+def _plan_for(settings: Settings) -> _EnqueuePlan:
+    """This process's plan for ``settings`` (rebuilt if another object took its id)."""
+    plan = _plans.get(id(settings), lambda: _EnqueuePlan(settings))
+    if plan.settings is not settings:
+        plan = _EnqueuePlan(settings)
+        _plans.put(id(settings), plan)
+    return plan
 
 
 def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: list[Any],
@@ -226,7 +241,7 @@ def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: li
     limit (see the module docstring); False: publish it as usual. Never raises."""
     if operation not in BATCHABLE:
         return False
-    plan = _plans.get(id(settings), lambda: _EnqueuePlan(settings))
+    plan = _plan_for(settings)
     if not plan.enabled:
         return False
     now = time.monotonic()
@@ -240,7 +255,8 @@ def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: li
     if len(entry) > ENQUEUE_MAX_ENTRY:
         return False
     try:
-        took = int(run_script(settings, _ENQUEUE, plan.keys, [entry, plan.rate, COALESCE_MAX]))
+        took = int(run_script(settings, _ENQUEUE, plan.keys, [entry, plan.rate, COALESCE_MAX],
+                              timeout=ENQUEUE_STORE_TIMEOUT))
     except Exception as exc:  # noqa: BLE001 - the store is down or slow: the broker takes it
         plan.not_before = now + ENQUEUE_BACKOFF
         logger.warning("cio_celery batching at enqueue paused for %.0f s: the store failed (%s)",
@@ -255,7 +271,7 @@ def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: li
 
 def buffered_at_enqueue(settings: Settings) -> int:
     """How many operations this process appended to the buffer at enqueue with ``settings``."""
-    return _plans.get(id(settings), lambda: _EnqueuePlan(settings)).buffered
+    return _plan_for(settings).buffered
 
 
 # KEYS: buffer, since. The buffer's length, when it last became non-empty (ms) and the time.

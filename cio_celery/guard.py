@@ -138,10 +138,13 @@ class PendingMarks:
 
     A done mark is always right to write (the operation was delivered) and writing it twice
     changes nothing, so they are retried as they are. Bounded: at most ``limit`` marks, each
-    kept at most ``max_age`` seconds (logged when one is given up); lost if the process dies.
+    kept at most ``max_age`` seconds (logged when one is given up); at a worker process's
+    shutdown one last try (:meth:`give_up_now`); lost if the process is killed.
     """
 
-    interval = 0.25
+    interval = 0.25  # the first retry; doubled while the store stays away, up to max_wait
+    max_wait = 5.0
+    chunk = 500
     limit = 100_000
     max_age = 3600.0
 
@@ -150,6 +153,7 @@ class PendingMarks:
         self._items: list[tuple[Settings, ScriptCall, float]] = []
         self._thread: threading.Thread | None = None
         self._flushing = 0
+        self._wait = self.interval
         self.written = 0
         self.given_up = 0
 
@@ -169,46 +173,60 @@ class PendingMarks:
                 self._thread = threading.Thread(target=self._run, name="cio-pending-marks", daemon=True)
                 self._thread.start()
 
-    def pending(self) -> int:
-        """Marks not written yet (those being written now included)."""
+    def pending(self, settings: Settings | None = None) -> int:
+        """Marks not written yet (those being written now included); of ``settings`` only if given."""
         with self._lock:
-            return len(self._items) + self._flushing
+            if settings is None:
+                return len(self._items) + self._flushing
+            return sum(1 for st, _c, _t in self._items if st is settings) + self._flushing
 
     def flush(self) -> int:
-        """Try to write every pending mark once; returns how many were written."""
+        """Try to write the pending marks once, oldest first, in pipelines of ``chunk``; stop at
+        the first pipeline the store refuses (it is still away). Returns how many were written."""
         with self._lock:
             items, self._items = self._items, []
             self._flushing = len(items)
-        by_settings: dict[int, tuple[Settings, list[tuple[Settings, ScriptCall, float]]]] = {}
-        for item in items:
-            by_settings.setdefault(id(item[0]), (item[0], []))[1].append(item)
-        keep: list[tuple[Settings, ScriptCall, float]] = []
-        written = 0
-        now = time.monotonic()
-        for settings, group in by_settings.values():
+        written, failed_at = 0, len(items)
+        for start in range(0, len(items), self.chunk):
+            part = items[start:start + self.chunk]
             try:
-                run_pipelined(settings, [c for _s, c, _t in group])
-                written += len(group)
-            except Exception:  # noqa: BLE001 - the store is still away: keep them
-                fresh = [g for g in group if now - g[2] < self.max_age]
-                if len(fresh) < len(group):
-                    self.given_up += len(group) - len(fresh)
-                    logger.error("cio_celery %d done marks given up after %.0f s without a store",
-                                 len(group) - len(fresh), self.max_age,
-                                 extra={"cio_event": "done_marks_given_up"})
-                keep += fresh
+                for settings in {id(i[0]): i[0] for i in part}.values():
+                    run_pipelined(settings, [c for st, c, _t in part if st is settings])
+            except Exception:  # noqa: BLE001 - the store is still away: keep this one and the rest
+                failed_at = start
+                break
+            written += len(part)
+        now = time.monotonic()
+        rest = items[failed_at:]
+        keep = [i for i in rest if now - i[2] < self.max_age]
+        if len(keep) < len(rest):
+            self.given_up += len(rest) - len(keep)
+            logger.error("cio_celery %d done marks given up after %.0f s without a store",
+                         len(rest) - len(keep), self.max_age, extra={"cio_event": "done_marks_given_up"})
         with self._lock:
             self._items = keep + self._items
             self._flushing = 0
+        self._wait = self.interval if not keep else min(self.max_wait, self._wait * 2)
         if written:
             self.written += written
             logger.warning("cio_celery %d done marks written after the store came back", written,
                            extra={"cio_event": "done_marks_written", "cio_count": written})
         return written
 
+    def give_up_now(self) -> None:
+        """The process ends: one last try, then log what is lost (a copy may be sent again)."""
+        if not self.pending():
+            return
+        self.flush()
+        left = self.pending()
+        if left:
+            self.given_up += left
+            logger.error("cio_celery %d done marks lost as the process ends (the store did not answer)",
+                         left, extra={"cio_event": "done_marks_given_up", "cio_count": left})
+
     def _run(self) -> None:
         while True:
-            time.sleep(self.interval)
+            time.sleep(self._wait)
             self.flush()
             with self._lock:
                 if not self._items:

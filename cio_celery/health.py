@@ -141,8 +141,9 @@ class HealthReport:
     spool_quarantined: int | None = None
     spool_bytes: int | None = None
     spool_max_bytes: int | None = None
-    #: Adaptive batching: ``{"buffer", "batch_requests", "batched", "single", "batched_share"}``
-    #: (operations delivered in batches and alone since the stats were last reset).
+    #: Adaptive batching: ``{"buffer", "batch_requests", "batched", "single", "batched_share",
+    #: "per_request", "appended_at_enqueue"}`` (operations delivered in batches and alone, and
+    #: those ``.delay()`` appended to the buffer, since the stats were last reset).
     batching: dict[str, Any] | None = None
 
     @property
@@ -712,9 +713,10 @@ def batching_figures(s: Settings) -> dict[str, Any]:
     """Adaptive batching in one round trip: the buffer's depth and the deliveries by path."""
     pipe = redis_for(s).pipeline(transaction=False)
     pipe.llen(key(s, "coalesce"))
-    pipe.hmget(key(s, "stats"), ["batch:requests", "batch:delivered", "delivered:single"])
-    depth, (requests, batched, single) = pipe.execute()
-    requests, batched, single = (int(v or 0) for v in (requests, batched, single))
+    pipe.hmget(key(s, "stats"), ["batch:requests", "batch:delivered", "delivered:single", "enqueue:appended"])
+    depth, (requests, batched, single, appended) = pipe.execute()
+    requests, batched, single, appended = (int(v or 0) for v in (requests, batched, single, appended))
     return {"buffer": int(depth), "batch_requests": requests, "batched": batched, "single": single,
+            "appended_at_enqueue": appended,
             "batched_share": round(batched / (batched + single), 3) if batched + single else None,
             "per_request": round(batched / requests, 1) if requests else None}

@@ -228,9 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("batch_at_enqueue", "CIO_BATCH_AT_ENQUEUE", _bool,
         "With adaptive batching, past the rate limit `.delay()` of a batchable operation appends it "
-        "to the batching buffer in the store (one round trip) instead of publishing one Celery "
-        "message per operation; below the limit, or when the store does not answer, it publishes "
-        "as usual.",
+        "to the batching buffer in the store (one round trip, given up after 0.1 s) instead of "
+        "publishing one Celery message per operation, while a worker's drainer runs; below the "
+        "limit, with options, or when the store does not answer, it publishes as usual.",
     ),
     Setting("batch_linger", "CIO_BATCH_LINGER", float,
         "Longest an operation waits in the batching buffer before its batch leaves, seconds.",

@@ -66,8 +66,13 @@ def is_cluster(settings: Settings) -> bool:
     return settings.store_is_cluster
 
 
-def redis_for(settings: Settings) -> redis.Redis:
-    """This process's client for the store; raises ConfigurationError if none is configured."""
+def redis_for(settings: Settings, timeout: float | None = None) -> redis.Redis:
+    """This process's client for the store; raises ConfigurationError if none is configured.
+
+    ``timeout``: a client of its own whose reads and connects give up after that many seconds
+    and are not retried (a caller's ``.delay()`` asking the store, which must not wait); a
+    django-redis store keeps its own pool's timeouts.
+    """
     url = settings.redis_url
     if not url:
         raise ConfigurationError(
@@ -86,7 +91,9 @@ def redis_for(settings: Settings) -> redis.Redis:
     # A store that accepts connections and does not answer (shutting down, paused) must fail a
     # delivery attempt well within its hard time limit: the attempt then becomes a free retry
     # instead of a worker process killed by the pool.
-    timeout = min(5.0, max(0.25, settings.task_time_limit / 5))
+    quick = timeout is not None
+    if timeout is None:
+        timeout = min(5.0, max(0.25, settings.task_time_limit / 5))
     scheme, _, rest = url.partition(":")
     if scheme in CLUSTER_SCHEMES:
         plain = f"{CLUSTER_SCHEMES[scheme]}:{rest}"
@@ -94,20 +101,22 @@ def redis_for(settings: Settings) -> redis.Redis:
         def cluster() -> redis.Redis:
             from redis.cluster import RedisCluster
 
+            extra: dict[str, Any] = {"cluster_error_retry_attempts": 0} if quick else {}
             client = RedisCluster.from_url(
                 plain, socket_timeout=timeout, socket_connect_timeout=min(2.0, timeout),
-                health_check_interval=15, decode_responses=False,
+                health_check_interval=15, decode_responses=False, **extra,
             )
             # The cluster client has the same command methods; only scripts and pipelines across
             # slots need this module's care (run_scripts, run_pipelined).
             return cast(redis.Redis, client)
 
-        return _clients.get((url, timeout), cluster)
+        return _clients.get((url, timeout, quick), cluster)
     return _clients.get(
-        (url, timeout),
+        (url, timeout, quick),
         lambda: redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=min(2.0, timeout),
             health_check_interval=15, decode_responses=False,
+            **({"retry_on_timeout": False, "retry": None} if quick else {}),
         ),
     )
 
@@ -126,9 +135,13 @@ def shard_tag(settings: Settings, shard: int) -> str:
     return "{" + settings.key_prefix + "}"
 
 
-def run_script(settings: Settings, text: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-    """Run a Lua script by its SHA (EVALSHA), loading it once per server, not sending it every call."""
-    return _script(settings, text)(keys=list(keys), args=list(args), client=redis_for(settings))
+def run_script(settings: Settings, text: str, keys: Sequence[str], args: Sequence[Any],
+               timeout: float | None = None) -> Any:
+    """Run a Lua script by its SHA (EVALSHA), loading it once per server, not sending it every call.
+
+    ``timeout``: on a client that gives up after that many seconds, without retries (see
+    :func:`redis_for`)."""
+    return _script(settings, text)(keys=list(keys), args=list(args), client=redis_for(settings, timeout))
 
 
 @dataclass(frozen=True)

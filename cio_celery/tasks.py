@@ -74,6 +74,25 @@ def _check_delay(operation: str, options: Mapping[str, Any], settings: Settings)
                               f"{settings.max_countdown:.0f} s (below the broker's visibility timeout)")
 
 
+def _routed_as_usual(task: Any, settings: Settings) -> bool:
+    """Whether the app routes ``task`` to the package's own queue for it (no ``task_routes``, or
+    routes that agree): only then may a call skip its message (an operation routed elsewhere is
+    meant for the workers of that queue). Resolved once per task and routes object."""
+    routes = task.app.conf.task_routes
+    if not routes:
+        return True
+    cached = getattr(task, "_cio_route_check", None)
+    if cached is not None and cached[0] is routes:
+        return bool(cached[1])
+    try:
+        queue = task.app.amqp.router.route({}, task.name, (), {}).get("queue")
+        ok = getattr(queue, "name", queue) == settings.queue_for(task.operation)
+    except Exception:  # noqa: BLE001 - a router that cannot answer here: publish as usual
+        ok = False
+    task._cio_route_check = (routes, ok)
+    return bool(ok)
+
+
 def _hidden(n: int, what: str) -> str:
     return f"<{n} {what}{'' if n == 1 else 's'} hidden>"
 
@@ -144,7 +163,8 @@ class CioTask(Task):  # type: ignore[misc]
         caller_key = options.pop("idempotency_key", None)
         # Only a plain call may skip its own message (see coalesce.buffer_at_enqueue): one that
         # names a queue, a delay, a producer or callbacks gets the message it asked for.
-        plain = not options and producer is None and link is None and link_error is None and shadow is None
+        plain = (not options and producer is None and link is None and link_error is None and shadow is None
+                 and _routed_as_usual(self, settings))
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)
         new_operation = meta is None

@@ -12,6 +12,7 @@ from .breaker import breaker_for
 from .checks import check_worker
 from .coalesce import Coalescer, coalescing
 from .fallback import Fallback, Releaser
+from .guard import pending_marks
 from .limiter import Limiter
 from .settings import settings_for_app
 
@@ -67,6 +68,16 @@ def _carry_events_flag(sender: Any = None, instance: Any = None, conf: Any = Non
         conf.worker_send_task_events = True
 
 
+def _last_marks(**_: Any) -> None:
+    """A pool process (or a solo worker) ends: write the done marks still waiting for the store."""
+    try:
+        pending_marks().give_up_now()
+    except Exception as exc:  # noqa: BLE001 - shutting down: never raise here
+        logger.error("cio_celery: pending done marks not written at shutdown: %s", type(exc).__name__)
+
+
+signals.worker_process_shutdown.connect(_last_marks, weak=False)
+signals.worker_shutdown.connect(_last_marks, weak=False)
 signals.celeryd_after_setup.connect(_carry_events_flag, weak=False)
 signals.worker_ready.connect(check_worker, weak=False)
 signals.worker_ready.connect(_start_releaser, weak=False)

@@ -192,10 +192,11 @@ def test_adaptive_batching_admits_on_a_cluster(cluster_servers: RedisClusterServ
     assert redis_for(s).llen(key(s, "coalesce")) == 1
 
 
-def test_batching_at_enqueue_appends_on_a_cluster(cluster_servers: RedisClusterServers) -> None:
+def test_batching_at_enqueue_appends_on_a_cluster(cluster_servers: RedisClusterServers,
+                                                   nodes: list[redis.Redis]) -> None:
     """The enqueue script's keys (buffer, its age, arrivals, breaker, drainer lease) share the
     store's common slot: one script on one master, declined without a drainer, appended with one."""
-    from cio_celery.coalesce import buffer_at_enqueue
+    from cio_celery.coalesce import _plan_for, buffer_at_enqueue
 
     s = build_settings({"redis_url": cluster_servers.url, "rate_limit_track": 100.0, "timeout": 2.0,
                         "key_prefix": "enq"}, environ={})
@@ -204,6 +205,7 @@ def test_batching_at_enqueue_appends_on_a_cluster(cluster_servers: RedisClusterS
     r.hset(key(s, "coalesce", "arrivals"), mapping={str(now + d): 1000 for d in range(-1, 30)})
     args, kwargs = ["user-0", "x", {"seq": 0}, "01JD0000000000000000000000", None], {"_cio": {"key": "k"}}
     assert not buffer_at_enqueue(s, "track", "t-0", args, kwargs)  # no drainer holds the lease
+    assert _plan_for(s).not_before - time.monotonic() < 1.0, "declined by the store, not failed"
     r.set(key(s, "coalesce", "drainer"), "worker", px=5000)
     s2 = build_settings({"redis_url": cluster_servers.url, "rate_limit_track": 100.0, "timeout": 2.0,
                          "key_prefix": "enq"}, environ={})  # a new plan: the first waits a tenth of a second

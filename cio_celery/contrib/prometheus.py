@@ -193,7 +193,7 @@ class CioCollector(Collector):  # type: ignore[misc]
                 suppressed.add_metric([name], int(value))
             elif kind == "retry":
                 retries.add_metric([name], int(value))
-            elif kind in ("batch", "delivered"):
+            elif kind in ("batch", "delivered", "enqueue"):
                 batch[f"{kind}:{name}"] = int(value)
         yield suppressed
         yield retries
@@ -263,6 +263,11 @@ def _batching(stats: dict[str, int]) -> Iterator[Metric]:
     ops.add_metric(["batch"], stats.get("batch:delivered", 0))
     ops.add_metric(["single"], stats.get("delivered:single", 0))
     yield ops
+    appended = CounterMetricFamily("cio_celery_appended_at_enqueue",
+                                   "Operations that .delay() appended to the batching buffer instead of "
+                                   "publishing a message (past the rate limit).")
+    appended.add_metric([], stats.get("enqueue:appended", 0))
+    yield appended
     sizes = GaugeMetricFamily("cio_celery_batch_size_requests",
                               "Batch requests by the operations they delivered (at most le).", labels=["le"])
     for b in SIZE_BUCKETS:
