@@ -80,9 +80,36 @@ def coalescing(settings: Settings, limiter: Limiter) -> bool:
     return settings.batch_coalesce and settings.idempotency_enabled and limiter.rate_of("track") > 0
 
 
+# The buffer's bookkeeping, shared by the workers' admission and the callers' append, so that
+# both count arrivals and start the buffer's age the same way. ``t`` is a Redis TIME answer.
+_BUFFER_LUA = """
+local function time_ms(t)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- One more batchable arrival in second ``sec``; the hash keeps the last two seconds.
+local function count_arrival(arrivals, sec)
+  if redis.call('HINCRBY', arrivals, tostring(sec), 1) == 1 then
+    redis.call('HDEL', arrivals, tostring(sec - 2))
+    redis.call('EXPIRE', arrivals, 5)
+  end
+end
+-- Arrivals during the second before ``sec``.
+local function arrived_before(arrivals, sec)
+  return tonumber(redis.call('HGET', arrivals, tostring(sec - 1)) or '0') or 0
+end
+-- Append ``entry``; the buffer's age starts when it stops being empty.
+local function append(buffer, since, entry, t)
+  if redis.call('RPUSH', buffer, entry) == 1 then
+    redis.call('SET', since, tostring(time_ms(t)))
+  end
+end
+"""
+
+
 @functools.lru_cache(maxsize=8)
 def _admit_text(claim: str, acquire: str, slot: str) -> str:
-    return f"""local function s_claim(KEYS, ARGV)
+    return f"""{_BUFFER_LUA}
+local function s_claim(KEYS, ARGV)
 {claim}
 end
 local function s_acquire(KEYS, ARGV)
@@ -113,11 +140,8 @@ if permit[1] ~= 'allow' then
 end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
-local arrived = tonumber(redis.call('HGET', ck[3], tostring(sec - 1)) or '0') or 0
-if redis.call('HINCRBY', ck[3], tostring(sec), 1) == 1 then
-  redis.call('HDEL', ck[3], tostring(sec - 2))
-  redis.call('EXPIRE', ck[3], 5)
-end
+local arrived = arrived_before(ck[3], sec)
+count_arrival(ck[3], sec)
 local depth = redis.call('LLEN', ck[1])
 local buffered = depth > 0
 local slot = false
@@ -128,9 +152,7 @@ if not go then
 end
 -- A buffer that nobody drains (no worker with the drainer) stops growing: alone, as before.
 if go and depth < tonumber(ca[6]) then
-  if redis.call('RPUSH', ck[1], ca[1]) == 1 then
-    redis.call('SET', ck[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
-  end
+  append(ck[1], ck[2], ca[1], t)
   if ca[4] == '1' then
     redis.call('HDEL', ck[4], ca[2])
     redis.call('ZREM', ck[5], ca[2])
@@ -179,7 +201,7 @@ ENQUEUE_MAX_ENTRY = 32_000
 
 # KEYS: buffer, since, arrivals, breaker state, drainer lease, stats. ARGV: entry, single requests
 # per second, cap. 1: appended; 0: publish the operation as usual.
-_ENQUEUE = """
+_ENQUEUE = _BUFFER_LUA + """
 -- No worker drains the buffer (none runs, or they run with batching off): a message waits for
 -- a worker in the broker, an entry here would wait for nobody.
 if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
@@ -189,15 +211,9 @@ local depth = redis.call('LLEN', KEYS[1])
 if depth >= tonumber(ARGV[3]) then return 0 end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
-local arrived = tonumber(redis.call('HGET', KEYS[3], tostring(sec - 1)) or '0') or 0
-if depth == 0 and arrived <= tonumber(ARGV[2]) then return 0 end
-if redis.call('HINCRBY', KEYS[3], tostring(sec), 1) == 1 then
-  redis.call('HDEL', KEYS[3], tostring(sec - 2))
-  redis.call('EXPIRE', KEYS[3], 5)
-end
-if redis.call('RPUSH', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SET', KEYS[2], tostring(sec * 1000 + math.floor(tonumber(t[2]) / 1000)))
-end
+if depth == 0 and arrived_before(KEYS[3], sec) <= tonumber(ARGV[2]) then return 0 end
+count_arrival(KEYS[3], sec)
+append(KEYS[1], KEYS[2], ARGV[1], t)
 redis.call('HINCRBY', KEYS[6], 'enqueue:appended', 1)
 return 1
 """
@@ -281,10 +297,9 @@ return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], 
 """
 
 # KEYS: buffer, since. After a drain: the buffer's age restarts, or ends with the buffer.
-_RESINCE = """
+_RESINCE = _BUFFER_LUA + """
 if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) return 0 end
-local t = redis.call('TIME')
-redis.call('SET', KEYS[2], tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+redis.call('SET', KEYS[2], tostring(time_ms(redis.call('TIME'))))
 return 1
 """
 

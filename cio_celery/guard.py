@@ -22,12 +22,12 @@ instead of sending again once the claim's lease has run out.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ._process import PerProcess
 from .breaker import Breaker, Permit, breaker_for
 from .coalesce import CLAIM_LATER, admit_call
 from .exceptions import DeliveryError, StoreStateError
@@ -234,16 +234,12 @@ class PendingMarks:
                     return
 
 
-_pending: dict[int, PendingMarks] = {}
+_pending: PerProcess[PendingMarks] = PerProcess()
 
 
 def pending_marks() -> PendingMarks:
     """This process's pending done marks (a forked pool process starts with none)."""
-    pid = os.getpid()
-    found = _pending.get(pid)
-    if found is None:
-        found = _pending.setdefault(pid, PendingMarks())
-    return found
+    return _pending.get(None, PendingMarks)
 
 
 def _warn(event: str, exc: BaseException, **extra: Any) -> None:

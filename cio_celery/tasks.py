@@ -74,11 +74,10 @@ def _check_delay(operation: str, options: Mapping[str, Any], settings: Settings)
                               f"{settings.max_countdown:.0f} s (below the broker's visibility timeout)")
 
 
-def _routed_as_usual(task: Any, settings: Settings) -> bool:
+def _routed_as_usual(task: Any, settings: Settings, routes: Any) -> bool:
     """Whether the app routes ``task`` to the package's own queue for it (no ``task_routes``, or
     routes that agree): only then may a call skip its message (an operation routed elsewhere is
     meant for the workers of that queue). Resolved once per task and routes object."""
-    routes = task.app.conf.task_routes
     if not routes:
         return True
     cached = getattr(task, "_cio_route_check", None)
@@ -163,8 +162,7 @@ class CioTask(Task):  # type: ignore[misc]
         caller_key = options.pop("idempotency_key", None)
         # Only a plain call may skip its own message (see coalesce.buffer_at_enqueue): one that
         # names a queue, a delay, a producer or callbacks gets the message it asked for.
-        plain = (not options and producer is None and link is None and link_error is None and shadow is None
-                 and _routed_as_usual(self, settings))
+        plain = not options and producer is None and link is None and link_error is None and shadow is None
         nargs, nkwargs = normalize(self.operation, tuple(args or ()), kw)
         nargs_list = list(nargs)
         new_operation = meta is None
@@ -189,7 +187,8 @@ class CioTask(Task):  # type: ignore[misc]
         if not settings.show_args:
             options.setdefault("argsrepr", _hidden(len(nargs_list), "arg"))
             options.setdefault("kwargsrepr", _hidden(len(nkwargs) - 1, "kwarg"))
-        if "queue" not in options and not self.app.conf.task_routes:
+        routes = self.app.conf.task_routes
+        if "queue" not in options and not routes:
             options["queue"] = settings.queue_for(self.operation)
         # A hard limit only: a soft one would raise inside the HTTP call. A killed attempt is
         # requeued (reject_on_worker_lost) and its claim ends with the lease.
@@ -207,7 +206,8 @@ class CioTask(Task):  # type: ignore[misc]
                 nargs_list, nkwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error, shadow=shadow, **options,
             )
-        if plain and buffer_at_enqueue(settings, self.operation, cast(str, task_id), nargs_list, nkwargs):
+        if plain and _routed_as_usual(self, settings, routes) and buffer_at_enqueue(
+                settings, self.operation, cast(str, task_id), nargs_list, nkwargs):
             # Past the rate limit: in the batching buffer (store), which the workers drain.
             return self.AsyncResult(task_id)
         return self._publish_bounded(

@@ -34,6 +34,7 @@ from cio_celery.settings import settings_for_app
 from cio_celery.store import run_script
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer
+from tests.helpers import applied_by_seq
 from tests.resp_proxy import Fault, RespProxy
 from tests.workers import WorkerProcess, worker_env
 
@@ -125,23 +126,12 @@ def r(rig: Rig) -> Iterator[Rig]:
     rig.proxy.stop_counting()
 
 
-def applied(fake: FakeCustomerIO) -> Counter[int]:
-    out: Counter[int] = Counter()
-    for a in fake.applied:
-        body = a.json or {}
-        if a.operation == "track":
-            out[int(body["data"]["seq"])] += 1
-        elif a.operation == "batch:event":
-            out[int(body["attributes"]["seq"])] += 1
-    return out
-
-
 def wait_applied(r: Rig, n: int, timeout: float = 30.0) -> Counter[int]:
     deadline = time.monotonic() + timeout
-    while len(applied(r.fake)) < n and time.monotonic() < deadline:
+    while len(applied_by_seq(r.fake)) < n and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # a copy applied twice would show by now
-    got = applied(r.fake)
+    got = applied_by_seq(r.fake)
     assert sorted(got) == list(range(n)), f"applied {sorted(got)}; worker log:\n{r.worker.tail(40)}"
     assert max(got.values()) == 1, f"applied twice: {got.most_common(3)}"
     return got

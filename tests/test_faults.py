@@ -42,6 +42,7 @@ from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer
 from cio_celery.ulid import new_ulid
 from tests.chaos_harness import report
+from tests.helpers import applied_by_seq
 from tests.resp_proxy import Fault, RespProxy
 from tests.workers import WorkerProcess, worker_env
 
@@ -193,23 +194,6 @@ SCENARIOS = [
                  lambda _i, item: "invalid" if item["attributes"]["seq"] == 2 else None)),
     Scenario("batch_parked_while_open", _batch, seqs=(1, 2, 3), setup=_open_breaker),
 ]
-
-
-def applied_by_seq(fake: FakeCustomerIO, operation: str) -> Counter[int]:
-    out: Counter[int] = Counter()
-    for a in fake.applied:
-        body = a.json or {}
-        if a.operation == "track":
-            seq = (body.get("data") or {}).get("seq")
-        elif a.operation == "batch:event":
-            seq = (body.get("attributes") or {}).get("seq")
-        elif a.operation == operation == "send_email":
-            seq = (body.get("message_data") or {}).get("seq")
-        else:
-            continue
-        if seq is not None:
-            out[int(seq)] += 1
-    return out
 
 
 def dead_by_seq(rig: Rig) -> Counter[int]:
