@@ -124,8 +124,35 @@ return {'reject', tostring(gen), tostring(math.max(0.05, tonumber(first[2]) - no
 # bucket seconds, bucket count, minimum calls, failure rate, consecutive failures,
 # open base, open max, jitter fraction, random in [0,1), successes to close.
 _RECORD = _NOW + _SANE + """
-local now = now_t(ARGV[4])
 local h, permits, win = KEYS[1], KEYS[2], KEYS[3]
+-- The common case first: a success of this generation on a closed breaker whose fields read
+-- well only counts a call in the window (a success cannot trip it; the full check and the
+-- window's clean-up run with every failure). A window that does not take the count (damaged)
+-- falls through to the full path, which repairs it.
+if ARGV[1] == 's' then
+  local fast = redis.pcall('HMGET', h, 'st', 'gen', 'cons')
+  if type(fast) == 'table' and not fast.err and (fast[1] == false or fast[1] == '0')
+      and tonumber(fast[2] or '0') == tonumber(ARGV[2]) then
+    local b = math.floor(now_t(ARGV[4]) / tonumber(ARGV[5]))
+    local n = redis.pcall('HINCRBY', win, 'c' .. b, 1)
+    if type(n) == 'number' then
+      -- A new bucket (once a bucket's seconds) renews the window's life and drops the buckets
+      -- that left it, as the full path does.
+      if n == 1 then
+        local nb = tonumber(ARGV[6])
+        redis.call('PEXPIRE', win, math.ceil(tonumber(ARGV[5]) * (nb + 1) * 1000))
+        local fields = redis.call('HKEYS', win)
+        for i = 1, #fields do
+          local fb = tonumber(string.sub(fields[i], 2))
+          if fb and fb <= b - nb then redis.call('HDEL', win, fields[i]) end
+        end
+      end
+      if fast[3] and fast[3] ~= '0' then redis.call('HSET', h, 'cons', 0) end
+      return {'ok', tostring(tonumber(fast[2] or '0')), ''}
+    end
+  end
+end
+local now = now_t(ARGV[4])
 if fix_state(h, permits, win) then
   return {'corrupt>closed', redis.call('HGET', h, 'gen'), ''}
 end

@@ -86,6 +86,39 @@ def test_failures_older_than_the_window_do_not_count(store: redis.Redis, store_u
     assert b.status().window_calls == 10
 
 
+def test_a_long_run_of_successes_keeps_the_window_to_its_buckets(store: redis.Redis, store_url: str) -> None:
+    # Successes on a closed breaker take the short path (no full check); the window must still
+    # drop the buckets that left it, or a day of successes would grow it by a field a second.
+    clock = Clock()
+    b = make(store_url, clock, breaker_consecutive_failures=100)
+    window = b._keys3[2]
+    for _ in range(600):
+        succeed(b, 1)
+        clock.t += 0.5
+    assert store.hlen(window) <= 11  # 10 buckets of 1 s, and the current one
+    assert 0 < store.pttl(window) <= 11_000
+    st = b.status()
+    assert st.window_calls == 18 and st.window_failures == 0  # 2 a second in the 9 s before this one
+    assert fail(b, 1) == ["ok"]
+    assert b.status().window_calls == 19 and b.status().window_failures == 1
+
+
+def test_a_success_on_a_damaged_window_takes_the_full_path(store: redis.Redis, store_url: str) -> None:
+    clock = Clock()
+    b = make(store_url, clock)
+    succeed(b, 1)
+    window = b._keys3[2]
+    field = f"c{int(clock.t)}"  # 1 s buckets
+    store.hset(window, field, "not a number")
+    assert succeed(b, 1) == ["ok"]
+    assert store.hget(window, field) == b"1"  # the bad field was dropped, this call counted
+    store.delete(window)
+    store.set(window, "a string")  # a key of another type
+    assert succeed(b, 1) == ["corrupt>closed"]
+    assert store.type(window) in (b"hash", b"none")
+    assert succeed(b, 1) == ["ok"]
+
+
 def test_ignored_outcomes_do_not_trip_it(store: redis.Redis, store_url: str) -> None:
     b = make(store_url, Clock())
     for _ in range(50):
