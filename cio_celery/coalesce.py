@@ -86,10 +86,15 @@ _BUFFER_LUA = """
 local function time_ms(t)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- One more batchable arrival in second ``sec``; the hash keeps the last two seconds.
+-- One more batchable arrival in second ``sec``; the hash keeps the last two seconds: the first
+-- arrival of a second drops every other field (not only sec - 2, which would leave one field
+-- behind for every gap of two seconds or more while the key's expiry kept being renewed).
 local function count_arrival(arrivals, sec)
   if redis.call('HINCRBY', arrivals, tostring(sec), 1) == 1 then
-    redis.call('HDEL', arrivals, tostring(sec - 2))
+    local now, before = tostring(sec), tostring(sec - 1)
+    for _, f in ipairs(redis.call('HKEYS', arrivals)) do
+      if f ~= now and f ~= before then redis.call('HDEL', arrivals, f) end
+    end
     redis.call('EXPIRE', arrivals, 5)
   end
 end

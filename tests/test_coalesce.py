@@ -8,7 +8,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import redis
 
+from cio_celery.coalesce import _BUFFER_LUA
 from cio_celery.health import batching_figures
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
@@ -117,3 +119,20 @@ def test_an_operation_too_big_for_a_batch_goes_alone_once() -> None:
         alone = [r for r in c.fake.requests if r.operation == "track" and (r.json or {}).get("data", {}).get("blob")]
         assert len(alone) == 1, "published alone once, never coalesced again"
         assert max(c.applied().values()) == 1
+
+
+def test_the_arrivals_count_keeps_two_seconds_whatever_the_gaps(store: redis.Redis) -> None:
+    # The buffer's bookkeeping, run as the admission and the callers' append run it (one Lua
+    # fragment), with explicit seconds: arrivals every 3 s for an hour must not leave a field a gap.
+    script = store.register_script(
+        _BUFFER_LUA + "count_arrival(KEYS[1], tonumber(ARGV[1])); return arrived_before(KEYS[1], tonumber(ARGV[2]))"
+    )
+    arrivals = "{cio}:coalesce:arrivals"
+    for sec in range(1_000_000, 1_003_600, 3):
+        script(keys=[arrivals], args=[sec, sec])
+    assert store.hlen(arrivals) == 1
+    script(keys=[arrivals], args=[2_000_000, 2_000_000])
+    script(keys=[arrivals], args=[2_000_000, 2_000_000])
+    assert script(keys=[arrivals], args=[2_000_001, 2_000_001]) == 2  # the second before counted
+    assert sorted(store.hkeys(arrivals)) == [b"2000000", b"2000001"]
+    assert 0 < store.ttl(arrivals) <= 5
