@@ -1,6 +1,6 @@
 """Where the single path's time goes against a bare SDK task: cProfile of a solo worker.
 
-    python benchmarks/profile_single_path.py [--ops 3000]
+    python benchmarks/profile_single_path.py [--ops 3000] [--py-spy]
 
 No rate limit, an instant fake Customer.io, the store on its own ``redis-server``. For each of
 ``cio_celery.track`` and ``bench.bare_track``: the operations are queued first, then one
@@ -10,6 +10,11 @@ cumulative time per operation of the task body, the store round trips, redis-py'
 packing, the HTTP send (each client's ``send_request``) and kombu's client creation. The
 profiler slows everything; compare the two columns of one run, not runs. Profiles go to ``--out`` (a temporary
 folder by default) for ``python -m pstats``.
+
+``--py-spy`` samples the worker with ``py-spy record`` (500 Hz, idle threads left out, needs
+``py-spy`` on the PATH) instead of cProfile: no slow-down, so the figures are the worker's real
+milliseconds of CPU per operation (the time a thread waits in ``recv`` for Redis is sampled too:
+``SocketBuffer._read_from_socket`` is reported apart).
 """
 
 from __future__ import annotations
@@ -41,14 +46,16 @@ PARTS = [
 ]
 
 
-def run(variant: str, ops: int, out: Path) -> tuple[float, Path]:
+def run(variant: str, ops: int, out: Path, spy: bool = False) -> tuple[float, Path]:
     with RedisServer() as broker, RedisServer() as store, tempfile.TemporaryDirectory() as spool, \
             FakeCustomerIO(site_id="s", track_api_key="tk", app_api_key="ak") as fake:
         broker_url, store_url = f"{broker.url}/0", f"{store.url}/0"
         enqueue_unlimited(producer_app(broker_url, store_url, spool, cio_rate_limit_track=0), variant, ops)
-        profile = out / f"{variant}.prof"
+        profile = out / (f"{variant}.txt" if spy else f"{variant}.prof")
+        runner = (["py-spy", "record", "-r", "500", "-f", "raw", "-o", str(profile), "--", sys.executable] if spy
+                  else [sys.executable, "-m", "cProfile", "-o", str(profile)])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "celery", "-A", "benchmarks.bench_app",
+            [*runner, "-m", "celery", "-A", "benchmarks.bench_app",
              "worker", "-P", "solo", "-Q", "cio,cio.send,cio.fallback,bare", "--loglevel", "WARNING",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             env=worker_env(fake, broker_url, store_url, CIO_RATE_LIMIT_TRACK="0"), cwd=str(ROOT),
@@ -57,7 +64,7 @@ def run(variant: str, ops: int, out: Path) -> tuple[float, Path]:
         while len(fake.applied) < ops and time.monotonic() < deadline:
             time.sleep(0.05)
         times = sorted(r.received_at for r in fake.requests)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT if spy else signal.SIGTERM)
         proc.wait(60)
     return (len(times) - 1) / (times[-1] - times[0]), profile
 
@@ -72,21 +79,56 @@ def cumulative(profile: Path, pattern: str) -> float:
     return total
 
 
+# (label, regular expression on a py-spy frame "function (file:line)"): inclusive samples.
+SPY_PARTS = [
+    ("task body", r"^(track \(cio_celery/tasks|bare_track \((benchmarks/)?bench_app)"),
+    ("store round trips (run_script)", r"^run_script \(cio_celery/store"),
+    ("  of which waiting for Redis (recv)", r"^SocketBuffer._read_from_socket"),
+    ("redis-py argument packing", r"^PythonRespSerializer.pack"),
+    ("HTTP send (the client's send_request)", r"send_request \((cio_celery/client|customerio/client_base)"),
+    ("kombu _create_client", r"_create_client \(kombu"),
+]
+
+
+def spy_rows(profile: Path, ops: int) -> dict[str, float]:
+    """Milliseconds of CPU an operation from py-spy's raw stacks (500 samples a second)."""
+    stacks = []
+    for line in profile.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        stacks.append((stack.split(";"), int(n)))
+    ms = 1000 / 500 / ops
+    rows = {"ms_per_op_total": round(sum(n for _, n in stacks) * ms, 3)}
+    for label, pattern in SPY_PARTS:
+        rx = re.compile(pattern)
+        if label.startswith("  of which"):
+            inner = re.compile(SPY_PARTS[1][1])
+            count = sum(n for st, n in stacks if any(inner.search(f) for f in st) and rx.search(st[-1]))
+        else:
+            count = sum(n for st, n in stacks if any(rx.search(f) for f in st))
+        rows[label] = round(count * ms, 3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=3000)
     parser.add_argument("--out", default="")
+    parser.add_argument("--py-spy", action="store_true", help="sample with py-spy instead of cProfile")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="cio-profile-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for variant in ("bare", "cio"):
-        rate, profile = run(variant, args.ops, out)
+        rate, profile = run(variant, args.ops, out, args.py_spy)
+        if args.py_spy:
+            rows[variant] = {"ops_per_second": round(rate, 1), **spy_rows(profile, args.ops)}
+            continue
         total = pstats.Stats(str(profile)).total_tt  # type: ignore[attr-defined]
         rows[variant] = {"ops_per_second_profiled": round(rate, 1),
                          "ms_per_op_total": round(total / args.ops * 1000, 2),
                          **{label: round(cumulative(profile, rx) / args.ops * 1000, 2) for label, rx in PARTS}}
-    print(f"{'ms per operation (under cProfile)':40} {'bare':>8} {'cio':>8}")
+    how = "sampled by py-spy" if args.py_spy else "under cProfile"
+    print(f"{'ms per operation (' + how + ')':40} {'bare':>8} {'cio':>8}")
     for field in rows["cio"]:
         print(f"{field:40} {rows['bare'][field]:>8} {rows['cio'][field]:>8}")
     print(f"profiles: {out}")
