@@ -13,8 +13,8 @@ folder by default) for ``python -m pstats``.
 
 ``--py-spy`` samples the worker with ``py-spy record`` (500 Hz, idle threads left out, needs
 ``py-spy`` on the PATH) instead of cProfile: no slow-down, so the figures are the worker's real
-milliseconds of CPU per operation (the time a thread waits in ``recv`` for Redis is sampled too:
-``SocketBuffer._read_from_socket`` is reported apart).
+milliseconds of CPU per operation (threads py-spy finds idle are left out; redis-py's socket
+read, ``SocketBuffer._read_from_socket``, is reported apart).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def cumulative(profile: Path, pattern: str) -> float:
 SPY_PARTS = [
     ("task body", r"^(track \(cio_celery/tasks|bare_track \((benchmarks/)?bench_app)"),
     ("store round trips (run_script)", r"^run_script \(cio_celery/store"),
-    ("  of which waiting for Redis (recv)", r"^SocketBuffer._read_from_socket"),
+    ("  of which in the socket read (_read_from_socket)", r"^SocketBuffer._read_from_socket"),
     ("redis-py argument packing", r"^PythonRespSerializer.pack"),
     ("HTTP send (the client's send_request)", r"send_request \((cio_celery/client|customerio/client_base)"),
     ("kombu _create_client", r"_create_client \(kombu"),

@@ -73,7 +73,9 @@ local function fix_state(h, permits, win)
     local flat = redis.call('HGETALL', win)
     for i = 1, #flat, 2 do
       local kindc = string.sub(flat[i], 1, 1)
-      if (kindc ~= 'c' and kindc ~= 'f') or not tonumber(string.sub(flat[i], 2)) or not tonumber(flat[i + 1]) then
+      -- Counts are integers as HINCRBY reads them (not "1.5" or "1e3", which tonumber reads).
+      if (kindc ~= 'c' and kindc ~= 'f') or not tonumber(string.sub(flat[i], 2))
+          or not string.match(flat[i + 1], '^%-?%d+$') then
         redis.call('HDEL', win, flat[i])
       end
     end
@@ -125,27 +127,35 @@ return {'reject', tostring(gen), tostring(math.max(0.05, tonumber(first[2]) - no
 # open base, open max, jitter fraction, random in [0,1), successes to close.
 _RECORD = _NOW + _SANE + """
 local h, permits, win = KEYS[1], KEYS[2], KEYS[3]
+-- The window's buckets that left it (bucket ``b`` is the current one), dropped when a bucket
+-- starts: the hash then holds at most the window's buckets however long nothing fails. A
+-- bucket past the current one was counted with a shorter bucket (``breaker_window`` raised
+-- since): it goes too, or its counts would stay in the window for good.
+local function prune(b, nb)
+  local fields = redis.call('HKEYS', win)
+  for i = 1, #fields do
+    local fb = tonumber(string.sub(fields[i], 2))
+    if fb and (fb <= b - nb or fb > b) then redis.call('HDEL', win, fields[i]) end
+  end
+end
 -- The common case first: a success of this generation on a closed breaker whose fields read
--- well only counts a call in the window (a success cannot trip it; the full check and the
--- window's clean-up run with every failure). A window that does not take the count (damaged)
+-- (state, generation, run of failures) only counts a call in the window: a success cannot trip
+-- it. The full check of the state runs with every other record (and with status and the
+-- acquire of a breaker that is not plainly closed). A window that does not take the count
 -- falls through to the full path, which repairs it.
 if ARGV[1] == 's' then
   local fast = redis.pcall('HMGET', h, 'st', 'gen', 'cons')
   if type(fast) == 'table' and not fast.err and (fast[1] == false or fast[1] == '0')
-      and tonumber(fast[2] or '0') == tonumber(ARGV[2]) then
+      and tonumber(fast[2] or '0') == tonumber(ARGV[2]) and (fast[3] == false or tonumber(fast[3])) then
+    local nb = tonumber(ARGV[6])
     local b = math.floor(now_t(ARGV[4]) / tonumber(ARGV[5]))
     local n = redis.pcall('HINCRBY', win, 'c' .. b, 1)
     if type(n) == 'number' then
       -- A new bucket (once a bucket's seconds) renews the window's life and drops the buckets
-      -- that left it, as the full path does.
+      -- that left it.
       if n == 1 then
-        local nb = tonumber(ARGV[6])
         redis.call('PEXPIRE', win, math.ceil(tonumber(ARGV[5]) * (nb + 1) * 1000))
-        local fields = redis.call('HKEYS', win)
-        for i = 1, #fields do
-          local fb = tonumber(string.sub(fields[i], 2))
-          if fb and fb <= b - nb then redis.call('HDEL', win, fields[i]) end
-        end
+        prune(b, nb)
       end
       if fast[3] and fast[3] ~= '0' then redis.call('HSET', h, 'cons', 0) end
       return {'ok', tostring(tonumber(fast[2] or '0')), ''}
@@ -184,7 +194,7 @@ if st == 0 then
   local bsize = tonumber(ARGV[5])
   local nb = tonumber(ARGV[6])
   local b = math.floor(now / bsize)
-  redis.call('HINCRBY', win, 'c' .. b, 1)
+  if redis.call('HINCRBY', win, 'c' .. b, 1) == 1 then prune(b, nb) end
   local cons = 0
   if outcome == 'f' then
     redis.call('HINCRBY', win, 'f' .. b, 1)
@@ -199,7 +209,7 @@ if st == 0 then
   for i = 1, #flat, 2 do
     local f, v = flat[i], tonumber(flat[i + 1])
     local fb = tonumber(string.sub(f, 2))
-    if fb <= b - nb then
+    if fb <= b - nb or fb > b then
       redis.call('HDEL', win, f)
     elseif string.sub(f, 1, 1) == 'c' then
       calls = calls + v
@@ -287,7 +297,8 @@ local calls, fails = 0, 0
 local flat = redis.call('HGETALL', KEYS[3])
 for i = 1, #flat, 2 do
   local f, v = flat[i], tonumber(flat[i + 1])
-  if tonumber(string.sub(f, 2)) > b - tonumber(ARGV[3]) then
+  local fb = tonumber(string.sub(f, 2))
+  if fb > b - tonumber(ARGV[3]) and fb <= b then
     if string.sub(f, 1, 1) == 'c' then calls = calls + v else fails = fails + v end
   end
 end

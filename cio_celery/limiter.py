@@ -153,7 +153,10 @@ class Limiter:
         return self.acquire_result(run_script(self.settings, call.text, call.keys, call.args))
 
     def pause_call(self, bucket: str, seconds: float) -> ScriptCall:
-        """Stop every worker's requests to ``bucket`` for ``seconds`` (a 429's Retry-After)."""
+        """Stop every worker's requests to ``bucket`` for ``seconds`` (a 429's Retry-After),
+        cut to ``retry_after_max``: one answer with a Retry-After of days (a proxy's, a bad
+        date) must not stop every worker for that long."""
+        seconds = min(max(0.0, seconds), self.settings.retry_after_max) if seconds == seconds else 1.0
         return ScriptCall(_PAUSE, [self._keys(bucket)[1]], [int(seconds * 1_000_000)])
 
     def pause(self, bucket: str, seconds: float) -> None:

@@ -95,12 +95,27 @@ def test_a_long_run_of_successes_keeps_the_window_to_its_buckets(store: redis.Re
     for _ in range(600):
         succeed(b, 1)
         clock.t += 0.5
-    assert store.hlen(window) <= 11  # 10 buckets of 1 s, and the current one
+    assert store.hlen(window) == 10  # the window's 10 buckets of 1 s (the current one of them)
     assert 0 < store.pttl(window) <= 11_000
     st = b.status()
     assert st.window_calls == 18 and st.window_failures == 0  # 2 a second in the 9 s before this one
     assert fail(b, 1) == ["ok"]
     assert b.status().window_calls == 19 and b.status().window_failures == 1
+
+
+def test_buckets_of_a_shorter_window_do_not_stay_after_it_is_raised(store: redis.Redis, store_url: str) -> None:
+    # Failures counted in 1 s buckets (window 10 s); then the window is raised to 60 s (6 s
+    # buckets): the old fields' numbers are past the new current bucket and must not count.
+    clock = Clock()
+    short = make(store_url, clock, breaker_consecutive_failures=100)
+    fail(short, 8)
+    long = make(store_url, clock, breaker_window=60.0, breaker_consecutive_failures=100)
+    clock.t += 6
+    assert long.status().window_failures == 0
+    succeed(long, 1)  # a new bucket: the stale ones go
+    assert all(int(f[1:]) <= int(clock.t / 6) for f in store.hkeys(long._keys3[2]))
+    assert fail(long, 4) == ["ok"] * 4  # 4 of 5: under the minimum of 10 calls
+    assert long.status().window_calls == 5 and long.status().window_failures == 4
 
 
 def test_a_success_on_a_damaged_window_takes_the_full_path(store: redis.Redis, store_url: str) -> None:
@@ -109,9 +124,12 @@ def test_a_success_on_a_damaged_window_takes_the_full_path(store: redis.Redis, s
     succeed(b, 1)
     window = b._keys3[2]
     field = f"c{int(clock.t)}"  # 1 s buckets
-    store.hset(window, field, "not a number")
-    assert succeed(b, 1) == ["ok"]
-    assert store.hget(window, field) == b"1"  # the bad field was dropped, this call counted
+    for bad in ("not a number", "1.5", "1e3"):  # HINCRBY refuses all three
+        store.hset(window, field, bad)
+        assert succeed(b, 1) == ["ok"]
+        assert store.hget(window, field) == b"1"  # the bad field was dropped, this call counted
+    store.hset(b._keys3[0], "cons", "x")  # a run of failures that does not read: the full check
+    assert succeed(b, 1) == ["corrupt>closed"]
     store.delete(window)
     store.set(window, "a string")  # a key of another type
     assert succeed(b, 1) == ["corrupt>closed"]

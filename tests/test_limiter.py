@@ -90,6 +90,19 @@ def test_a_429_pauses_every_worker(store: redis.Redis, store_url: str) -> None:
     assert other.acquire("transactional").granted
 
 
+def test_a_pause_is_cut_to_retry_after_max(store: redis.Redis, store_url: str) -> None:
+    # A 429 whose Retry-After says 30 days (a proxy's, a bad date) pauses the bucket for
+    # retry_after_max at most, not for 30 days.
+    lim = limiter(store_url, retry_after_max=5.0)
+    lim.pause("track", 30 * 86400.0)
+    pause_key = lim._keys("track")[1]
+    assert 0 < store.pttl(pause_key) <= 6_000
+    slot = lim.acquire("track")
+    assert not slot.granted and 4.0 < slot.wait <= 5.0
+    lim.pause("transactional", float("inf"))
+    assert 0 < store.pttl(lim._keys("transactional")[1]) <= 6_000
+
+
 def _hammer(store_url: str, ready: Any, go: Any, start_at: Any, seconds: float, out: Any) -> None:
     """Ask as a task does: take a grant, or wait for the reserved slot and present it."""
     lim = limiter(store_url, rate_limit_track=50.0, rate_limit_headroom=0.0, rate_limit_max_sleep=0.0)
