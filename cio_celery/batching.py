@@ -382,6 +382,17 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
                   _cio: dict[str, Any] | None = None) -> Any:
     """Deliver parked operations in one ``/api/v2/batch`` request (see the module docstring)."""
     settings = settings_for_app(self.app)
+    try:
+        return _deliver_batch(self, settings, entries, slot, _cio)
+    finally:
+        if settings.batch_max_in_flight and self.request.id:
+            from .coalesce import batch_landed
+
+            batch_landed(settings, str(self.request.id))
+
+
+def _deliver_batch(self: BatchTask, settings: Settings, entries: list[dict[str, Any]], slot: int,
+                   _cio: dict[str, Any] | None) -> Any:
     batch_meta = Meta.parse(_cio, str(self.request.id or ""))
     if slot and not batch_meta.slot:
         batch_meta = batch_meta.changed(slot=int(slot) if isinstance(slot, int) else 0)

@@ -296,10 +296,43 @@ def buffered_at_enqueue(settings: Settings) -> int:
 
 
 # KEYS: buffer, since. The buffer's length, when it last became non-empty (ms) and the time.
+# KEYS: buffer, since, batches in flight. The buffer's length, its age's start, the time, and
+# how many of its batches are being delivered (those presumed over dropped first).
 _PEEK = """
 local t = redis.call('TIME')
-return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], t[2]}
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local flying = 0
+local kind = redis.call('TYPE', KEYS[3])
+kind = kind.ok or kind
+if kind == 'zset' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  flying = redis.call('ZCARD', KEYS[3])
+elseif kind ~= 'none' then
+  redis.call('DEL', KEYS[3])
+end
+return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], t[2], flying}
 """
+
+# KEYS: batches in flight. ARGV: task id. A batch task ends (delivered, retried later, requeued).
+_LANDED = """
+local kind = redis.call('TYPE', KEYS[1])
+if (kind.ok or kind) ~= 'zset' then return 0 end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+
+def in_flight_key(settings: Settings) -> str:
+    """The sorted set of the batching buffer's batches being delivered (see :class:`Coalescer`)."""
+    return key(settings, "coalesce", "inflight")
+
+
+def batch_landed(settings: Settings, task_id: str) -> None:
+    """A batch task ends: it no longer counts against ``batch_max_in_flight``. Best effort (a
+    batch whose end is not recorded counts until its lease ends)."""
+    try:
+        run_script(settings, _LANDED, [in_flight_key(settings)], [task_id])
+    except Exception as exc:  # noqa: BLE001 - the lease ends it anyway
+        logger.warning("cio_celery batch end not recorded: %s", type(exc).__name__)
 
 # KEYS: buffer, since. After a drain: the buffer's age restarts, or ends with the buffer.
 _RESINCE = _BUFFER_LUA + """
@@ -318,6 +351,7 @@ class Coalescer:
         self.buffer = Fallback(settings, app, buffer="coalesce")
         self.limiter = Limiter(settings)
         self._since = key(settings, "coalesce", "since")
+        self._in_flight = in_flight_key(settings)
         self.token = secrets.token_hex(8)
         self.tick_interval = max(0.005, min(0.02, settings.batch_linger / 4))
         self._stop = threading.Event()
@@ -331,8 +365,13 @@ class Coalescer:
         if not self.buffer.acquire_lease(self.token, max(1.0, 20 * self.tick_interval)):
             return -1
         # One script, not a pipeline: TIME names no key, which a cluster store cannot route.
-        n, since, now_s, now_us = run_script(s, _PEEK, [self.buffer._list, self._since], [])
+        n, since, now_s, now_us, flying = run_script(s, _PEEK, [self.buffer._list, self._since, self._in_flight], [])
         if not n:
+            return 0
+        # At most batch_max_in_flight batches at once: the other worker processes stay free for
+        # sends and single operations, and the buffer grows meanwhile (bigger batches, fewer
+        # requests).
+        if s.batch_max_in_flight and int(flying) >= s.batch_max_in_flight:
             return 0
         age = (int(now_s) * 1000 + int(now_us) // 1000 - int(since or 0)) / 1000.0
         if int(n) < s.batch_min_size and age < s.batch_linger:
@@ -345,7 +384,8 @@ class Coalescer:
                 granted = int(run_script(s, call.text, call.keys, call.args)[0])
                 if not granted:
                     return 0
-        done = self.buffer.release(s.batch_max_operations, batch=True)
+        done = self.buffer.release(s.batch_max_operations, batch=True,
+                                   in_flight=self._in_flight if s.batch_max_in_flight else None)
         run_script(s, _RESINCE, [self.buffer._list, self._since], [])
         self.drained += done
         self.batches += 1 if done else 0

@@ -12,6 +12,7 @@ import logging
 import secrets
 import threading
 import time
+import uuid
 from typing import Any
 
 from .breaker import Breaker
@@ -52,6 +53,20 @@ return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
 # KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
+# KEYS: the batches in flight (sorted set: task id -> when it is presumed over, unix ms).
+# ARGV: task id, lease ms. A key of another type is replaced (a damaged store must not stop
+# the drainer).
+_IN_FLIGHT_ADD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kind = redis.call('TYPE', KEYS[1])
+kind = kind.ok or kind
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
 _TRIM = """
 local n = tonumber(ARGV[1])
 if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
@@ -142,7 +157,7 @@ class Fallback:
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
 
-    def release(self, limit: int, *, batch: bool = False) -> int:
+    def release(self, limit: int, *, batch: bool = False, in_flight: str | None = None) -> int:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
         With ``batch``, Track-API operations go in ``cio_celery.deliver_batch`` tasks of up to
@@ -150,7 +165,9 @@ class Fallback:
         entry that cannot be read goes to the quarantine, one that no longer validates to dead
         letters, so that neither stops the ones behind it. Entries are removed (a prefix of the
         list) only once handled; a crash in between publishes them twice, which the idempotency
-        claim turns into one delivery. Returns how many were removed.
+        claim turns into one delivery. Returns how many were removed. ``in_flight``: a sorted
+        set that each published batch's task id joins (scored by when it is presumed over) before
+        it is published; the batch task leaves it when it ends (see :func:`batch_ended`).
         """
         if limit <= 0:
             return 0
@@ -183,8 +200,12 @@ class Fallback:
                     packed = pack([e for _i, e in entries], max_items=self.settings.batch_max_operations)
                 index_of = {id(e): i for i, e in entries}
                 for group in packed.batches:
+                    task_id = str(uuid.uuid4())
+                    if in_flight is not None:
+                        run_script(self.settings, _IN_FLIGHT_ADD, [in_flight],
+                                   [task_id, int(self.settings.task_time_limit * 1000) + 5000])
                     with internal_publish():
-                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue)
+                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue, task_id=task_id)
                     for e in group:
                         handled[index_of[id(e)]] = True
                 for e in packed.singles:

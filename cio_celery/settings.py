@@ -241,6 +241,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_max_operations", "CIO_BATCH_MAX_OPERATIONS", int,
         "Most operations in one batch request.",
     ),
+    Setting("batch_max_in_flight", "CIO_BATCH_MAX_IN_FLIGHT", int,
+        "Most batches of the batching buffer being delivered at once, cluster-wide (the rest of the "
+        "worker processes stay free for sends and single operations; batches grow meanwhile); 0: no cap.",
+    ),
     Setting("rate_limit_track", "CIO_RATE_LIMIT_TRACK", float,
         "Most Track API requests per second for the whole cluster (Customer.io documents 100); 0: no limit.",
     ),
@@ -331,6 +335,7 @@ class Settings:
     batch_linger: float = 0.1
     batch_min_size: int = 20
     batch_max_operations: int = 1000
+    batch_max_in_flight: int = 2
     rate_limit_track: float = 100.0
     rate_limit_transactional: float = 100.0
     rate_limit_headroom: float = 0.05
@@ -569,6 +574,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("rate_limit_headroom", "must be in [0, 1)")
     if s.batch_max_operations < 1:
         raise ConfigurationError("batch_max_operations", "must be at least 1")
+    if s.batch_max_in_flight < 0:
+        raise ConfigurationError("batch_max_in_flight", "must be 0 (no cap) or more")
     if not 0 < s.batch_linger <= 60:
         raise ConfigurationError("batch_linger", "must be in (0, 60] seconds")
     if not 1 <= s.batch_min_size <= s.batch_max_operations:

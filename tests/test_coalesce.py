@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from typing import Any
@@ -10,17 +11,19 @@ from typing import Any
 import pytest
 import redis
 
-from cio_celery.coalesce import _BUFFER_LUA
+from cio_celery.coalesce import _BUFFER_LUA, in_flight_key
 from cio_celery.health import batching_figures
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
 from cio_celery.settings import settings_for_app
+from cio_celery.store import redis_for
 from cio_celery.testing import FakeCustomerIO
 from tests.chaos_harness import Cluster, chaos_cluster, wait_all_applied
 
 pytestmark = [pytest.mark.slow]
 
 LIMITED = {"CIO_RATE_LIMIT_TRACK": "100", "CIO_BATCH_LINGER": "0.1", "CIO_BATCH_MIN_SIZE": "20"}
+LIMITED_MIN_SIZE = 20
 
 
 def by_kind(fake: FakeCustomerIO) -> Counter[str]:
@@ -65,6 +68,26 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
         print(f"\n{n} track past the limit: {kinds}, {batch_items} operations in batches, "
               f"{batch_items / kinds['batch']:.0f} per batch, {n / (time.monotonic() - started):.0f} ops/s, "
               f"all applied {took:.1f} s after the enqueue")
+
+
+def test_at_most_batch_max_in_flight_batches_are_delivered_at_once() -> None:
+    # Customer.io taking 0.3 s a request: with one batch in flight at most, a batch request starts
+    # only after the one before was answered; the buffer grows meanwhile (bigger batches).
+    n = 1200
+    with chaos_cluster(workers=1, concurrency=4, CIO_BATCH_MAX_IN_FLIGHT="1", **LIMITED) as c:
+        c.fake.set_latency(0.3)
+        c.enqueue_track(n)
+        wait_all_applied(c, n, timeout=120)
+        time.sleep(0.5)
+        applied = c.applied()
+        assert sorted(applied) == list(range(n)) and max(applied.values()) == 1
+        batches = sorted((r.received_at, len(r.json["batch"])) for r in c.fake.requests if r.operation == "batch")
+        assert len(batches) >= 3
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches)]
+        assert min(gaps) >= 0.29, f"batch requests overlapped: gaps {gaps}"
+        assert max(size for _t, size in batches) > LIMITED_MIN_SIZE, "the buffer grew while a batch flew"
+        settings = settings_for_app(c.producer)
+        assert redis_for(settings).zcard(in_flight_key(settings)) == 0, "every batch's end was recorded"
 
 
 def every_batchable_operation(c: Cluster, i: int) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
