@@ -382,6 +382,10 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
                   _cio: dict[str, Any] | None = None) -> Any:
     """Deliver parked operations in one ``/api/v2/batch`` request (see the module docstring)."""
     settings = settings_for_app(self.app)
+    if settings.batch_max_in_flight and self.request.id:
+        from .coalesce import batch_started
+
+        batch_started(settings, str(self.request.id))
     try:
         return _deliver_batch(self, settings, entries, slot, _cio)
     finally:

@@ -40,7 +40,9 @@ of a second, not one a call), one whose store failed for ``ENQUEUE_BACKOFF`` sec
 
 Keys: ``{prefix}:coalesce`` (list of entries, as parked ones), ``{prefix}:coalesce:since`` (ms
 when the buffer last became non-empty), ``{prefix}:coalesce:arrivals`` (hash: unix second ->
-arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease).
+arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease), ``{prefix}:coalesce:inflight``
+(sorted set: the task ids of the buffer's batches being delivered -> when each is presumed over;
+at most ``batch_max_in_flight`` of them).
 """
 
 from __future__ import annotations
@@ -295,7 +297,6 @@ def buffered_at_enqueue(settings: Settings) -> int:
     return _plan_for(settings).buffered
 
 
-# KEYS: buffer, since. The buffer's length, when it last became non-empty (ms) and the time.
 # KEYS: buffer, since, batches in flight. The buffer's length, its age's start, the time, and
 # how many of its batches are being delivered (those presumed over dropped first).
 _PEEK = """
@@ -313,7 +314,18 @@ end
 return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], t[2], flying}
 """
 
-# KEYS: batches in flight. ARGV: task id. A batch task ends (delivered, retried later, requeued).
+# KEYS: batches in flight. ARGV: task id, lease ms. A batch task starts: one still counted
+# counts until its lease from now (it may have waited in the queue since its publish).
+_STARTED = """
+local kind = redis.call('TYPE', KEYS[1])
+if (kind.ok or kind) ~= 'zset' then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+"""
+
+# KEYS: batches in flight. ARGV: task id. A batch task ends (delivered, retried later or
+# requeued: a batch back in the broker no longer counts).
 _LANDED = """
 local kind = redis.call('TYPE', KEYS[1])
 if (kind.ok or kind) ~= 'zset' then return 0 end
@@ -324,6 +336,20 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 def in_flight_key(settings: Settings) -> str:
     """The sorted set of the batching buffer's batches being delivered (see :class:`Coalescer`)."""
     return key(settings, "coalesce", "inflight")
+
+
+def batch_lease_ms(settings: Settings) -> int:
+    """How long a batch counts as in flight without news of its end: its task's hard time limit
+    and 5 s."""
+    return int(settings.task_time_limit * 1000) + 5000
+
+
+def batch_started(settings: Settings, task_id: str) -> None:
+    """A batch task starts: if it still counts, it counts for its lease from now. Best effort."""
+    try:
+        run_script(settings, _STARTED, [in_flight_key(settings)], [task_id, batch_lease_ms(settings)])
+    except Exception as exc:  # noqa: BLE001 - its lease from the publish still holds
+        logger.warning("cio_celery batch start not recorded: %s", type(exc).__name__)
 
 
 def batch_landed(settings: Settings, task_id: str) -> None:
@@ -384,8 +410,10 @@ class Coalescer:
                 granted = int(run_script(s, call.text, call.keys, call.args)[0])
                 if not granted:
                     return 0
+        capped = bool(s.batch_max_in_flight)
         done = self.buffer.release(s.batch_max_operations, batch=True,
-                                   in_flight=self._in_flight if s.batch_max_in_flight else None)
+                                   in_flight=self._in_flight if capped else None,
+                                   max_batches=s.batch_max_in_flight - int(flying) if capped else None)
         run_script(s, _RESINCE, [self.buffer._list, self._since], [])
         self.drained += done
         self.batches += 1 if done else 0

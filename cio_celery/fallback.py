@@ -52,7 +52,6 @@ redis.call('SET', KEYS[2], tostring(bytes + add))
 return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
-# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
 # KEYS: the batches in flight (sorted set: task id -> when it is presumed over, unix ms).
 # ARGV: task id, lease ms. A key of another type is replaced (a damaged store must not stop
 # the drainer).
@@ -67,6 +66,7 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
+# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
 _TRIM = """
 local n = tonumber(ARGV[1])
 if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
@@ -157,7 +157,8 @@ class Fallback:
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
 
-    def release(self, limit: int, *, batch: bool = False, in_flight: str | None = None) -> int:
+    def release(self, limit: int, *, batch: bool = False, in_flight: str | None = None,
+                max_batches: int | None = None) -> int:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
         With ``batch``, Track-API operations go in ``cio_celery.deliver_batch`` tasks of up to
@@ -167,7 +168,10 @@ class Fallback:
         list) only once handled; a crash in between publishes them twice, which the idempotency
         claim turns into one delivery. Returns how many were removed. ``in_flight``: a sorted
         set that each published batch's task id joins (scored by when it is presumed over) before
-        it is published; the batch task leaves it when it ends (see :func:`batch_ended`).
+        it is published (and leaves it again if the publish fails); the batch task leaves it
+        when it ends (see :func:`cio_celery.coalesce.batch_landed`). ``max_batches``: publish at
+        most that many batches of the batching buffer (its groups are in order, so the rest stays
+        a suffix of the list).
         """
         if limit <= 0:
             return 0
@@ -199,13 +203,25 @@ class Fallback:
                 else:
                     packed = pack([e for _i, e in entries], max_items=self.settings.batch_max_operations)
                 index_of = {id(e): i for i, e in entries}
-                for group in packed.batches:
+                groups = packed.batches
+                if max_batches is not None and not packed.singles:
+                    groups = groups[:max(0, max_batches)]
+                for group in groups:
                     task_id = str(uuid.uuid4())
                     if in_flight is not None:
-                        run_script(self.settings, _IN_FLIGHT_ADD, [in_flight],
-                                   [task_id, int(self.settings.task_time_limit * 1000) + 5000])
-                    with internal_publish():
-                        self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue, task_id=task_id)
+                        from .coalesce import batch_lease_ms
+
+                        run_script(self.settings, _IN_FLIGHT_ADD, [in_flight], [task_id, batch_lease_ms(self.settings)])
+                    try:
+                        with internal_publish():
+                            self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue,
+                                                                   task_id=task_id)
+                    except BaseException:
+                        if in_flight is not None:
+                            from .coalesce import batch_landed
+
+                            batch_landed(self.settings, task_id)  # not in flight: never published
+                        raise
                     for e in group:
                         handled[index_of[id(e)]] = True
                 for e in packed.singles:
