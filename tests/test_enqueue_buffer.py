@@ -30,8 +30,8 @@ from cio_celery.breaker import Breaker
 from cio_celery.deadletters import DeadLetters
 from cio_celery.health import batching_figures
 from cio_celery.idempotency import Claims
-from cio_celery.settings import settings_for_app
-from cio_celery.store import run_script
+from cio_celery.settings import build_settings, settings_for_app
+from cio_celery.store import redis_for, run_script
 from cio_celery.testing import FakeCustomerIO
 from cio_celery.testing.redis_server import RedisServer
 from tests.helpers import applied_by_seq
@@ -122,6 +122,12 @@ def r(rig: Rig) -> Iterator[Rig]:
     while not rig.store.exists("{cio}:coalesce:drainer") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert rig.store.exists("{cio}:coalesce:drainer"), rig.worker.tail(20)
+    # The callers' quick client is one per process and store URL: a connection an earlier test's
+    # fault killed (kill_after) may still sit in its pool, and the first call would then fail on
+    # it before reaching the proxy (and rightly pause batching at enqueue for 30 s). Each test
+    # starts on a fresh connection (set-up commands are not counted).
+    quick = redis_for(build_settings({"redis_url": rig.proxied_store_url}, environ={}), coalesce.ENQUEUE_STORE_TIMEOUT)
+    quick.connection_pool.disconnect()
     yield rig
     rig.proxy.stop_counting()
 
