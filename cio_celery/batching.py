@@ -32,6 +32,7 @@ from celery.utils import uuid
 
 from . import policy
 from .client import clients_for
+from .coalesce import batch_landed, batch_started
 from .deadletters import DeadLetters, is_full_error
 from .delivery import REQUEUE_PAUSE, Ending, send_event
 from .exceptions import TransientError, ValidationError
@@ -382,17 +383,14 @@ def deliver_batch(self: BatchTask, entries: list[dict[str, Any]], slot: int = 0,
                   _cio: dict[str, Any] | None = None) -> Any:
     """Deliver parked operations in one ``/api/v2/batch`` request (see the module docstring)."""
     settings = settings_for_app(self.app)
-    if settings.batch_max_in_flight and self.request.id:
-        from .coalesce import batch_started
-
-        batch_started(settings, str(self.request.id))
+    counted = str(self.request.id) if settings.batch_max_in_flight and self.request.id else None
+    if counted:
+        batch_started(settings, counted)
     try:
         return _deliver_batch(self, settings, entries, slot, _cio)
     finally:
-        if settings.batch_max_in_flight and self.request.id:
-            from .coalesce import batch_landed
-
-            batch_landed(settings, str(self.request.id))
+        if counted:
+            batch_landed(settings, counted)
 
 
 def _deliver_batch(self: BatchTask, settings: Settings, entries: list[dict[str, Any]], slot: int,

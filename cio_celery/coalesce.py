@@ -297,38 +297,51 @@ def buffered_at_enqueue(settings: Settings) -> int:
     return _plan_for(settings).buffered
 
 
-# KEYS: buffer, since, batches in flight. The buffer's length, its age's start, the time, and
-# how many of its batches are being delivered (those presumed over dropped first).
-_PEEK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# The batches in flight (a sorted set: task id -> when it is presumed over, unix ms): a key of
+# another type is replaced or ignored (a damaged store must not stop the drainer).
+_IN_FLIGHT_LUA = _BUFFER_LUA + """
+local function flight_kind(k)
+  local kind = redis.call('TYPE', k)
+  return kind.ok or kind
+end
+"""
+
+# KEYS: buffer, since, batches in flight. The buffer's length, its age's start and the time
+# (ms), and how many of its batches are being delivered (those presumed over dropped first).
+_PEEK = _IN_FLIGHT_LUA + """
+local now = time_ms(redis.call('TIME'))
 local flying = 0
-local kind = redis.call('TYPE', KEYS[3])
-kind = kind.ok or kind
+local kind = flight_kind(KEYS[3])
 if kind == 'zset' then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   flying = redis.call('ZCARD', KEYS[3])
 elseif kind ~= 'none' then
   redis.call('DEL', KEYS[3])
 end
-return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, t[1], t[2], flying}
+return {redis.call('LLEN', KEYS[1]), redis.call('GET', KEYS[2]) or false, now, flying}
+"""
+
+# KEYS: batches in flight. ARGV: task id, lease ms. A batch is about to be published: it counts
+# for its lease from now.
+_PUBLISHING = _IN_FLIGHT_LUA + """
+local kind = flight_kind(KEYS[1])
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('ZADD', KEYS[1], time_ms(redis.call('TIME')) + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
 """
 
 # KEYS: batches in flight. ARGV: task id, lease ms. A batch task starts: one still counted
 # counts until its lease from now (it may have waited in the queue since its publish).
-_STARTED = """
-local kind = redis.call('TYPE', KEYS[1])
-if (kind.ok or kind) ~= 'zset' then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+_STARTED = _IN_FLIGHT_LUA + """
+if flight_kind(KEYS[1]) ~= 'zset' then return 0 end
+return redis.call('ZADD', KEYS[1], 'XX', time_ms(redis.call('TIME')) + tonumber(ARGV[2]), ARGV[1])
 """
 
 # KEYS: batches in flight. ARGV: task id. A batch task ends (delivered, retried later or
 # requeued: a batch back in the broker no longer counts).
-_LANDED = """
-local kind = redis.call('TYPE', KEYS[1])
-if (kind.ok or kind) ~= 'zset' then return 0 end
+_LANDED = _IN_FLIGHT_LUA + """
+if flight_kind(KEYS[1]) ~= 'zset' then return 0 end
 return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
@@ -342,6 +355,12 @@ def batch_lease_ms(settings: Settings) -> int:
     """How long a batch counts as in flight without news of its end: its task's hard time limit
     and 5 s."""
     return int(settings.task_time_limit * 1000) + 5000
+
+
+def batch_publishing(settings: Settings, task_id: str) -> None:
+    """A batch is about to be published: it counts against ``batch_max_in_flight`` (raises on a
+    store error: the drainer then publishes nothing and tries again)."""
+    run_script(settings, _PUBLISHING, [in_flight_key(settings)], [task_id, batch_lease_ms(settings)])
 
 
 def batch_started(settings: Settings, task_id: str) -> None:
@@ -391,7 +410,7 @@ class Coalescer:
         if not self.buffer.acquire_lease(self.token, max(1.0, 20 * self.tick_interval)):
             return -1
         # One script, not a pipeline: TIME names no key, which a cluster store cannot route.
-        n, since, now_s, now_us, flying = run_script(s, _PEEK, [self.buffer._list, self._since, self._in_flight], [])
+        n, since, now_ms, flying = run_script(s, _PEEK, [self.buffer._list, self._since, self._in_flight], [])
         if not n:
             return 0
         # At most batch_max_in_flight batches at once: the other worker processes stay free for
@@ -399,7 +418,7 @@ class Coalescer:
         # requests).
         if s.batch_max_in_flight and int(flying) >= s.batch_max_in_flight:
             return 0
-        age = (int(now_s) * 1000 + int(now_us) // 1000 - int(since or 0)) / 1000.0
+        age = (int(now_ms) - int(since or 0)) / 1000.0
         if int(n) < s.batch_min_size and age < s.batch_linger:
             return 0
         # Pace by the limiter: a batch leaves when a slot is free now. Under heavier load the
@@ -411,8 +430,7 @@ class Coalescer:
                 if not granted:
                     return 0
         capped = bool(s.batch_max_in_flight)
-        done = self.buffer.release(s.batch_max_operations, batch=True,
-                                   in_flight=self._in_flight if capped else None,
+        done = self.buffer.release(s.batch_max_operations, batch=True, counted=capped,
                                    max_batches=s.batch_max_in_flight - int(flying) if capped else None)
         run_script(s, _RESINCE, [self.buffer._list, self._since], [])
         self.drained += done

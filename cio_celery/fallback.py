@@ -52,20 +52,6 @@ redis.call('SET', KEYS[2], tostring(bytes + add))
 return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
-# KEYS: the batches in flight (sorted set: task id -> when it is presumed over, unix ms).
-# ARGV: task id, lease ms. A key of another type is replaced (a damaged store must not stop
-# the drainer).
-_IN_FLIGHT_ADD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = redis.call('TYPE', KEYS[1])
-kind = kind.ok or kind
-if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-
 # KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
 _TRIM = """
 local n = tonumber(ARGV[1])
@@ -157,7 +143,7 @@ class Fallback:
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
 
-    def release(self, limit: int, *, batch: bool = False, in_flight: str | None = None,
+    def release(self, limit: int, *, batch: bool = False, counted: bool = False,
                 max_batches: int | None = None) -> int:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
@@ -166,12 +152,11 @@ class Fallback:
         entry that cannot be read goes to the quarantine, one that no longer validates to dead
         letters, so that neither stops the ones behind it. Entries are removed (a prefix of the
         list) only once handled; a crash in between publishes them twice, which the idempotency
-        claim turns into one delivery. Returns how many were removed. ``in_flight``: a sorted
-        set that each published batch's task id joins (scored by when it is presumed over) before
-        it is published (and leaves it again if the publish fails); the batch task leaves it
-        when it ends (see :func:`cio_celery.coalesce.batch_landed`). ``max_batches``: publish at
-        most that many batches of the batching buffer (its groups are in order, so the rest stays
-        a suffix of the list).
+        claim turns into one delivery. Returns how many were removed. ``counted``: each batch
+        counts against ``batch_max_in_flight`` from before its publish (and no longer if the
+        publish fails); the batch task ends the count (see :func:`cio_celery.coalesce.batch_landed`).
+        ``max_batches``: publish at most that many batches of the batching buffer (its groups are
+        in order, so the rest stays a suffix of the list).
         """
         if limit <= 0:
             return 0
@@ -193,6 +178,7 @@ class Fallback:
                     entries.append((i, entry))
             if batch:
                 from .batching import BATCH_TASK, pack, pack_raw
+                from .coalesce import batch_landed, batch_publishing
 
                 if self.buffer == "coalesce":
                     # Only batchable operations enter this buffer: group them by their stored size
@@ -208,18 +194,14 @@ class Fallback:
                     groups = groups[:max(0, max_batches)]
                 for group in groups:
                     task_id = str(uuid.uuid4())
-                    if in_flight is not None:
-                        from .coalesce import batch_lease_ms
-
-                        run_script(self.settings, _IN_FLIGHT_ADD, [in_flight], [task_id, batch_lease_ms(self.settings)])
+                    if counted:
+                        batch_publishing(self.settings, task_id)
                     try:
                         with internal_publish():
                             self.app.tasks[BATCH_TASK].apply_async(args=[group], queue=self.queue,
                                                                    task_id=task_id)
                     except BaseException:
-                        if in_flight is not None:
-                            from .coalesce import batch_landed
-
+                        if counted:
                             batch_landed(self.settings, task_id)  # not in flight: never published
                         raise
                     for e in group:
