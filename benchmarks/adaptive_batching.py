@@ -261,7 +261,7 @@ def light(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flus
         stop(worker)
     lat = latencies(fake, sent_at)
     return {"operations": len(sent_at), "applied": len(lat), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-            "batch_requests": sum(1 for r in fake.requests if r.operation == "batch")}
+            "batch_requests": sum(1 for r in fake.requests if r.operation == "batch"), "_latencies": lat}
 
 
 def _track_fake(site_id: str, track_key: str, app_key: str, urls: Any, done: Any, nice: int = 0) -> None:
@@ -332,7 +332,20 @@ def mixed(args: Any, fake: FakeCustomerIO, broker_url: str, store_url: str, flus
                  and (a.json.get("message_data") or {}).get("seq") in sent_at)
     return {"sends": len(sent_at), "applied": len(lat), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
             "track_applied": track_stats["applied"], "track_requests": track_stats["requests"],
-            "track_applied_per_second": round(track_stats["applied"] / max(track_seconds, 1e-9), 1)}
+            "track_applied_per_second": round(track_stats["applied"] / max(track_seconds, 1e-9), 1),
+            "_latencies": lat}
+
+
+def pool_round(results: dict[str, Any], name: str, got: dict[str, Any]) -> None:
+    """Add one round of a latency scenario: its figures go to ``rounds``; its latencies join the
+    scenario's pooled ones, whose p50 and p99 the scenario reports (and the ratios compare)."""
+    lat = got.pop("_latencies")
+    entry = results.setdefault(name, {"rounds": [], "_latencies": []})
+    entry["rounds"].append(got)
+    entry["_latencies"] = sorted(entry["_latencies"] + lat)
+    entry.update(samples=len(entry["_latencies"]), p50_ms=pct(entry["_latencies"], 0.5),
+                 p99_ms=pct(entry["_latencies"], 0.99))
+    print(name, f"round {len(entry['rounds'])}", got, flush=True)
 
 
 def enqueue_unlimited(app: Any, variant: str, n: int) -> None:
@@ -379,6 +392,9 @@ def main() -> None:
                         help="seconds of sends in each mixed load (20 a second: the p99 of 600 is their 6th slowest)")
     parser.add_argument("--paced-rate", type=float, default=500.0,
                         help="track calls a second beside the sends in the paced mixed load")
+    parser.add_argument("--latency-rounds", type=int, default=3,
+                        help="rounds of each latency scenario (light, mixed), variants alternating; the p99 is "
+                             "over all rounds' samples, each round's is kept")
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -406,25 +422,31 @@ def main() -> None:
             results["saturation_noop"] = saturation(args, fake, broker_url, store_url, flush, "noop", "noop", tmp,
                                                     log)
             print("saturation_noop", results["saturation_noop"], flush=True)
-        for variant in ("adaptive", "single"):
-            if want(f"light_{variant}"):
-                results[f"light_{variant}"] = light(args, fake, broker_url, store_url, flush, variant, tmp, log)
-                print(f"light_{variant}", results[f"light_{variant}"], flush=True)
-        for variant in ("adaptive", "single", "alone"):
-            if want(f"mixed_{variant}"):
-                results[f"mixed_{variant}"] = mixed(args, fake, broker_url, store_url, flush, variant, tmp, log)
-                print(f"mixed_{variant}", results[f"mixed_{variant}"], flush=True)
-        for variant in ("adaptive", "single"):
-            name = f"mixed_paced_{variant}"
-            if want(name):
-                results[name] = mixed(args, fake, broker_url, store_url, flush, variant, tmp, log, args.paced_rate)
-                print(name, results[name], flush=True)
-            # The load generator and the Track API's fake stand for other machines: at nice 10 they
-            # leave the two cores to the workers, the Redis servers and the sends when those need them.
-            name = f"mixed_niced_load_{variant}"
-            if want(name):
-                results[name] = mixed(args, fake, broker_url, store_url, flush, variant, tmp, log, nice=10)
-                print(name, results[name], flush=True)
+        # A p99 of one run is its few slowest samples, and this machine's noise moves it by 1.5x:
+        # each latency scenario runs --latency-rounds times, its variants alternating, and the
+        # p99 is over every round's samples together.
+        for _ in range(args.latency_rounds):
+            for variant in ("adaptive", "single"):
+                if want(f"light_{variant}"):
+                    pool_round(results, f"light_{variant}",
+                               light(args, fake, broker_url, store_url, flush, variant, tmp, log))
+        for _ in range(args.latency_rounds):
+            for variant in ("adaptive", "single", "alone"):
+                if want(f"mixed_{variant}"):
+                    pool_round(results, f"mixed_{variant}",
+                               mixed(args, fake, broker_url, store_url, flush, variant, tmp, log))
+        # The load generator and the Track API's fake stand for other machines in the niced pair:
+        # at nice 10 they leave the two cores to the workers, the Redis servers and the sends
+        # when those need them.
+        for prefix, how in (("mixed_paced", {"rate": args.paced_rate}), ("mixed_niced_load", {"nice": 10})):
+            for _ in range(args.latency_rounds):
+                for variant in ("adaptive", "single"):
+                    if want(f"{prefix}_{variant}"):
+                        pool_round(results, f"{prefix}_{variant}",
+                                   mixed(args, fake, broker_url, store_url, flush, variant, tmp, log, **how))
+        for name, entry in results.items():
+            if entry.pop("_latencies", None) is not None:
+                print(name, "pooled:", {k: entry[k] for k in ("samples", "p50_ms", "p99_ms")}, flush=True)
         for store_name, url in (("own_redis", store_url), ("broker_redis", shared_store)):
             # One machine's noise moves a single pair by 0.1: the pair runs several times, one
             # after the other, and each round's ratio counts.
@@ -447,6 +469,15 @@ def main() -> None:
         ratio(f"{what}_adaptive_over_single", f"saturation_{what}_adaptive", f"saturation_{what}_single")
         ratio(f"{what}_adaptive_over_noop", f"saturation_{what}_adaptive", "saturation_noop")
     ratio("light_p99_adaptive_over_single", "light_adaptive", "light_single", "p99_ms")
+    # Each round's own ratio too (rounds of a pair ran one after the other): how much one run says.
+    for a, b in (("light_adaptive", "light_single"), ("mixed_adaptive", "mixed_single"),
+                 ("mixed_paced_adaptive", "mixed_paced_single"),
+                 ("mixed_niced_load_adaptive", "mixed_niced_load_single")):
+        if a in results and b in results:
+            by_round = [round(x["p99_ms"] / y["p99_ms"], 2) if y["p99_ms"] else None
+                        for x, y in zip(results[a]["rounds"], results[b]["rounds"], strict=True)]
+            results[f"{a}_over_single_p99_by_round"] = by_round
+            print(f"{a}_over_single_p99_by_round", by_round)
     ratio("mixed_send_p99_adaptive_over_alone", "mixed_adaptive", "mixed_alone", "p99_ms")
     ratio("mixed_send_p99_single_over_alone", "mixed_single", "mixed_alone", "p99_ms")
     ratio("mixed_send_p99_adaptive_over_single", "mixed_adaptive", "mixed_single", "p99_ms")

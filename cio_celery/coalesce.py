@@ -67,7 +67,11 @@ __all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "buffer_at_enqueue", "buffe
 logger = logging.getLogger("cio_celery.coalesce")
 
 # Most operations the buffer holds; past it they go alone (a drainer is missing or far behind).
+# Its bytes are capped too, by the setting ``batch_buffer_max_bytes``.
 COALESCE_MAX = 100_000
+# Entries larger than this go alone (published as usual, or delivered by the worker that holds
+# them): a batch item may be 32 KB at most, so the drainer would send them alone anyway.
+MAX_ENTRY = 32_000
 
 # On a Redis Cluster store the admission script runs without the claim (another slot): this
 # stands in for it, and the operation that goes alone claims in a second round trip.
@@ -104,10 +108,26 @@ end
 local function arrived_before(arrivals, sec)
   return tonumber(redis.call('HGET', arrivals, tostring(sec - 1)) or '0') or 0
 end
--- Append ``entry``; the buffer's age starts when it stops being empty.
-local function append(buffer, since, entry, t)
+-- The buffer's size in bytes, as its appends and the drainer's trims count it (a damaged
+-- count reads 0 and is overwritten by the next append).
+local function buffer_bytes(bytes)
+  local v = redis.pcall('GET', bytes)
+  if type(v) ~= 'string' then return 0 end
+  return tonumber(v) or 0
+end
+-- Whether ``entry`` fits: fewer than ``max_n`` entries held, and (unless the buffer is empty,
+-- where the count restarts) at most ``max_bytes`` bytes with it. Past either, it goes alone.
+local function has_room(depth, bytes, entry, max_n, max_bytes)
+  if depth >= max_n then return false end
+  return depth == 0 or buffer_bytes(bytes) + #entry <= max_bytes
+end
+-- Append ``entry`` and count its bytes; the buffer's age starts when it stops being empty.
+local function append(buffer, since, bytes, entry, t)
   if redis.call('RPUSH', buffer, entry) == 1 then
     redis.call('SET', since, tostring(time_ms(t)))
+    redis.call('SET', bytes, tostring(#entry))
+  else
+    redis.call('SET', bytes, tostring(buffer_bytes(bytes) + #entry))
   end
 end
 """
@@ -136,9 +156,9 @@ for i = 1, 4 do
   kpos, apos = kpos + nk, apos + na
   g[i] = {{k, a}}
 end
--- coalesce part: KEYS buffer, since, arrivals, ledger entries, ledger due;
+-- coalesce part: KEYS buffer, since, arrivals, ledger entries, ledger due, the buffer's bytes;
 -- ARGV entry, task id, single requests per second, ledger on (1/0), behind (1/0: the message
--- waited in its queue longer than the linger), the buffer's cap.
+-- waited in its queue longer than the linger), the buffer's cap in entries, and in bytes.
 local ck, ca = g[4][1], g[4][2]
 local permit = s_acquire(g[2][1], g[2][2])
 if permit[1] == 'reject' then return {{false, permit, false, false}} end
@@ -158,8 +178,8 @@ if not go then
   go = slot[1] == 0
 end
 -- A buffer that nobody drains (no worker with the drainer) stops growing: alone, as before.
-if go and depth < tonumber(ca[6]) then
-  append(ck[1], ck[2], ca[1], t)
+if go and has_room(depth, ck[6], ca[1], tonumber(ca[6]), tonumber(ca[7])) then
+  append(ck[1], ck[2], ck[6], ca[1], t)
   if ca[4] == '1' then
     redis.call('HDEL', ck[4], ca[2])
     redis.call('ZREM', ck[5], ca[2])
@@ -182,9 +202,9 @@ def admit_call(settings: Settings, claim: ScriptCall, acquire: ScriptCall | None
     acq = acquire or ScriptCall(_ALLOW, [], [])
     ledger = ledger_keys or [key(settings, "ledger"), key(settings, "ledger", "due")]
     extra = ScriptCall("", [key(settings, "coalesce"), key(settings, "coalesce", "since"),
-                            key(settings, "coalesce", "arrivals"), *ledger],
+                            key(settings, "coalesce", "arrivals"), *ledger, key(settings, "coalesce", "bytes")],
                        [entry, task_id, repr(single_rate), "1" if ledger_keys else "0", "1" if behind else "0",
-                        COALESCE_MAX])
+                        COALESCE_MAX, settings.batch_buffer_max_bytes])
     parts = (claim, acq, slot, extra)
     keys: list[str] = []
     args: list[Any] = []
@@ -203,11 +223,10 @@ ENQUEUE_BACKOFF = 30.0
 # The longest the caller's store check may take (connect or answer, no retry): past it the
 # operation is published as usual, so `.delay()` waits at most this plus `enqueue_timeout`.
 ENQUEUE_STORE_TIMEOUT = 0.1
-# Entries larger than this are published as usual: the drainer would send them alone anyway.
-ENQUEUE_MAX_ENTRY = 32_000
 
-# KEYS: buffer, since, arrivals, breaker state, drainer lease, stats. ARGV: entry, single requests
-# per second, cap. 1: appended; 0: publish the operation as usual.
+# KEYS: buffer, since, arrivals, breaker state, drainer lease, stats, the buffer's bytes. ARGV:
+# entry, single requests per second, cap in entries, cap in bytes. 1: appended; 0: publish the
+# operation as usual.
 _ENQUEUE = _BUFFER_LUA + """
 -- No worker drains the buffer (none runs, or they run with batching off): a message waits for
 -- a worker in the broker, an entry here would wait for nobody.
@@ -215,12 +234,12 @@ if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
 local st = redis.pcall('HGET', KEYS[4], 'st')
 if type(st) == 'table' or (st and st ~= '0') then return 0 end
 local depth = redis.call('LLEN', KEYS[1])
-if depth >= tonumber(ARGV[3]) then return 0 end
+if not has_room(depth, KEYS[7], ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])) then return 0 end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 if depth == 0 and arrived_before(KEYS[3], sec) <= tonumber(ARGV[2]) then return 0 end
 count_arrival(KEYS[3], sec)
-append(KEYS[1], KEYS[2], ARGV[1], t)
+append(KEYS[1], KEYS[2], KEYS[7], ARGV[1], t)
 redis.call('HINCRBY', KEYS[6], 'enqueue:appended', 1)
 return 1
 """
@@ -241,7 +260,7 @@ class _EnqueuePlan:
             state = [breaker_for(settings).state_key]
         self.keys = [key(settings, "coalesce"), key(settings, "coalesce", "since"),
                      key(settings, "coalesce", "arrivals"), *state, key(settings, "coalesce", "drainer"),
-                     key(settings, "stats")]
+                     key(settings, "stats"), key(settings, "coalesce", "bytes")]
         self.not_before = 0.0  # monotonic: publish as usual until then
         self.buffered = 0
 
@@ -275,10 +294,11 @@ def buffer_at_enqueue(settings: Settings, operation: str, task_id: str, args: li
                            separators=(",", ":"))
     except (TypeError, ValueError):
         return False  # the worker's json serializer names the problem when it is published
-    if len(entry) > ENQUEUE_MAX_ENTRY:
+    if len(entry) > MAX_ENTRY:
         return False
     try:
-        took = int(run_script(settings, _ENQUEUE, plan.keys, [entry, plan.rate, COALESCE_MAX],
+        took = int(run_script(settings, _ENQUEUE, plan.keys,
+                              [entry, plan.rate, COALESCE_MAX, settings.batch_buffer_max_bytes],
                               timeout=ENQUEUE_STORE_TIMEOUT))
     except Exception as exc:  # noqa: BLE001 - the store is down or slow: the broker takes it
         plan.not_before = now + ENQUEUE_BACKOFF

@@ -1,8 +1,10 @@
 """The dead-letter store: every operation that will not be delivered, with its reason.
 
 Entries live in one Redis hash (id -> JSON) indexed by a sorted set (id -> failed_at).
-Adding trims by retention and by size cap in the same script, so the store stays
-bounded however long nobody looks at it. Entries hold the payload needed to replay
+Adding trims by retention and by size cap in the same script, and every worker's releaser
+thread removes the entries past their retention once a minute (:meth:`DeadLetters.expire`), so
+the store stays bounded, and customer data is not kept past the retention, however long nobody
+looks at it and whether or not new dead letters arrive. Entries hold the payload needed to replay
 (customer data): it is kept in values only, never in key names.
 """
 
@@ -21,22 +23,34 @@ from .store import ScriptCall, key, redis_for, run_script
 
 __all__ = ["DeadLetter", "DeadLetters", "is_full_error"]
 
+# Removes at most ``limit`` entries older than ``cutoff`` (unix s), oldest first; answers the
+# byte count left (not written back: the caller does) and how many were removed.
+_EXPIRE_LUA = """
+local function expire(items, index, bytes_key, cutoff, limit)
+  local bytes = tonumber(redis.call('GET', bytes_key) or '0') or 0
+  local expired = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
+  for _, id in ipairs(expired) do
+    bytes = bytes - redis.call('HSTRLEN', items, id)
+    redis.call('HDEL', items, id)
+    redis.call('ZREM', index, id)
+  end
+  if bytes < 0 or redis.call('ZCARD', index) == 0 then bytes = 0 end
+  return bytes, #expired
+end
+"""
+
+# Most entries one script removes for their age (an add, or one call of the releaser's expiry).
+EXPIRE_BATCH = 1000
+
 # KEYS: items, index, bytes. ARGV: id, entry JSON, retention s, max count, max bytes.
-# Entries past their retention go first; then a new entry that would pass either cap is
-# refused with a DLQFULL error (nothing written, nothing dropped: the caller keeps the
-# operation and tries later). The byte count follows every write and removal.
-_ADD = """
+# Entries past their retention go first (at most EXPIRE_BATCH); then a new entry that would
+# pass either cap is refused with a DLQFULL error (nothing written, nothing dropped: the caller
+# keeps the operation and tries later). The byte count follows every write and removal.
+_ADD = _EXPIRE_LUA + f"""
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local bytes = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', t - tonumber(ARGV[3]))
-for _, id in ipairs(expired) do
-  bytes = bytes - redis.call('HSTRLEN', KEYS[1], id)
-  redis.call('HDEL', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
-end
+local bytes = expire(KEYS[1], KEYS[2], KEYS[3], t - tonumber(ARGV[3]), {EXPIRE_BATCH})
 local count = redis.call('ZCARD', KEYS[2])
-if count == 0 or bytes < 0 then bytes = 0 end
 local existing = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 if existing == 0 and (count >= tonumber(ARGV[4]) or bytes + #ARGV[2] > tonumber(ARGV[5])) then
   redis.call('SET', KEYS[3], tostring(bytes))
@@ -47,6 +61,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], t, ARGV[1])
 redis.call('SET', KEYS[3], tostring(bytes + #ARGV[2] - existing))
 return t
+"""
+
+# KEYS: items, index, bytes. ARGV: retention s, limit. Answers how many entries it removed.
+_EXPIRE = _EXPIRE_LUA + """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local bytes, n = expire(KEYS[1], KEYS[2], KEYS[3], t - tonumber(ARGV[1]), tonumber(ARGV[2]))
+if n > 0 then redis.call('SET', KEYS[3], tostring(bytes)) end
+return n
 """
 
 # KEYS: items, index, bytes. ARGV: id.
@@ -152,6 +175,12 @@ class DeadLetters:
 
     def count(self) -> int:
         return int(self._redis.zcard(self._index))
+
+    def expire(self, limit: int = EXPIRE_BATCH) -> int:
+        """Remove at most ``limit`` entries past ``dead_letter_retention`` (oldest first);
+        returns how many. Worker releasers call it once a minute."""
+        return int(run_script(self.settings, _EXPIRE, [self._items, self._index, self._bytes],
+                              [self.settings.dead_letter_retention, limit]))
 
     def get(self, id: str) -> DeadLetter | None:
         """The entry ``id``; None when there is none, or when it cannot be read (it then moves

@@ -27,7 +27,7 @@ from celery.exceptions import Reject, Retry
 
 from . import policy
 from .client import clients_for
-from .coalesce import coalescing
+from .coalesce import MAX_ENTRY, coalescing
 from .deadletters import DeadLetters, is_full_error
 from .exceptions import PermanentError, TransientError, ValidationError
 from .fallback import Fallback
@@ -232,8 +232,10 @@ def _coalesce_entry(a: Attempt, guard: Guard) -> str | None:
     if a.operation not in BATCHABLE or m.alone or m.slot or not coalescing(a.settings, guard.limiter):
         return None
     kwargs = a.message_kwargs(m)
-    return json.dumps({"operation": a.operation, "task_id": a.task_id, "args": list(a.args), "kwargs": kwargs},
-                      separators=(",", ":"))
+    entry = json.dumps({"operation": a.operation, "task_id": a.task_id, "args": list(a.args), "kwargs": kwargs},
+                       separators=(",", ":"))
+    # Too large for a batch item: it goes alone (the buffer would hold it for nothing).
+    return entry if len(entry) <= MAX_ENTRY else None
 
 
 def act(attempt: Attempt, outcome: Outcome, guard: Guard) -> Ending:

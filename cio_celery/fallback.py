@@ -40,7 +40,9 @@ _PARK = """
 local max = tonumber(ARGV[1])
 local depth = redis.call('LLEN', KEYS[1])
 if #ARGV == 1 then return depth end
-local bytes = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+-- A damaged count (not a number, another type) reads 0 and is overwritten below.
+local held = redis.pcall('GET', KEYS[2])
+local bytes = type(held) == 'string' and tonumber(held) or 0
 if depth == 0 or bytes < 0 then bytes = 0 end
 local add = 0
 for i = 2, #ARGV do add = add + #ARGV[i] end
@@ -56,8 +58,12 @@ return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 _TRIM = """
 local n = tonumber(ARGV[1])
 if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
-local left = redis.call('DECRBY', KEYS[2], tonumber(ARGV[2]))
-if left < 0 or redis.call('LLEN', KEYS[1]) == 0 then redis.call('SET', KEYS[2], '0') end
+-- A damaged count (not a number, another type) reads 0 and is overwritten. DECRBY failed on it,
+-- after the LTRIM had run, so every tick that released something ended in an error.
+local held = redis.pcall('GET', KEYS[2])
+local left = (type(held) == 'string' and tonumber(held) or 0) - tonumber(ARGV[2])
+if left < 0 or redis.call('LLEN', KEYS[1]) == 0 then left = 0 end
+redis.call('SET', KEYS[2], tostring(left))
 return n
 """
 _RELEASE_LOCK = """
@@ -106,7 +112,8 @@ class Fallback:
             self._lock = key(settings, "coalesce", "drainer")
             # Not behind the backlog of the main queue: workers fetch from their queues in turn.
             self.queue = settings.fallback_queue
-            self.max_bytes = 0  # bounded by the admission (COALESCE_MAX entries)
+            # Bounded by the admission (COALESCE_MAX entries, batch_buffer_max_bytes bytes).
+            self.max_bytes = 0
         else:
             self._list = key(settings, "fallback", "ops")
             self._lock = key(settings, "fallback", "releaser")
@@ -263,6 +270,11 @@ class Fallback:
         return 0, False
 
 
+# Seconds between two removals of the dead letters past their retention (by whichever worker's
+# releaser holds the lease).
+DEAD_LETTER_EXPIRY_INTERVAL = 60.0
+
+
 class Releaser:
     """A daemon thread in each worker; the Redis lease lets one of them release at a time."""
 
@@ -274,7 +286,9 @@ class Releaser:
         self._thread: threading.Thread | None = None
         self.released = 0
         self.swept = 0
+        self.expired = 0
         self._next_sweep = 0.0
+        self._next_expiry = 0.0
 
     def tick(self) -> int:
         """One round: hold the lease, sweep the ledger when due, release what the breaker
@@ -283,6 +297,7 @@ class Releaser:
         if not self.fallback.acquire_lease(self.token, max(3 * interval, 5.0)):
             return 0
         self._sweep()
+        self._expire_dead_letters()
         if self.fallback.depth() == 0:
             return 0
         allowed, batch = self.fallback.release_allowed(self.breaker)
@@ -303,6 +318,26 @@ class Releaser:
         ledger = Ledger(s)
         self._next_sweep = time.monotonic() + max(1.0, ledger.grace / 4)
         self.swept += ledger.sweep(app)
+
+    def _expire_dead_letters(self) -> None:
+        """Remove the dead letters past their retention, once a minute (at most a few batches a
+        time, so that one tick stays short; the rest go in the next minutes)."""
+        from .deadletters import EXPIRE_BATCH, DeadLetters
+
+        if time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + DEAD_LETTER_EXPIRY_INTERVAL
+        dead = DeadLetters(self.fallback.settings, self.fallback.app)
+        n = 0
+        for _ in range(10):
+            got = dead.expire(EXPIRE_BATCH)
+            n += got
+            if got < EXPIRE_BATCH:
+                break
+        self.expired += n
+        if n:
+            logger.info("cio_celery %d dead letters removed past their retention", n,
+                        extra={"cio_event": "dead_letters_expired", "cio_count": n})
 
     def run(self) -> None:
         interval = self.fallback.settings.fallback_release_interval

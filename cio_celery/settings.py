@@ -122,7 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
         "that would be parked is retried every minute instead, nothing dropped.",
     ),
     Setting("dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", float,
-        "Seconds a dead letter is kept.",
+        "Seconds a dead letter is kept (removed within a minute past it by a running worker's releaser, "
+        "or by the next add).",
     ),
     Setting("breaker_enabled", "CIO_BREAKER_ENABLED", _bool, "Guard every call with the shared breaker."),
     Setting("breaker_window", "CIO_BREAKER_WINDOW", float, "Sliding window of the failure rate, seconds."),
@@ -245,6 +246,10 @@ SETTINGS: tuple[Setting, ...] = (
         "Most batches of the batching buffer being delivered at once, cluster-wide (the rest of the "
         "worker processes stay free for sends and single operations; batches grow meanwhile); 0: no cap.",
     ),
+    Setting("batch_buffer_max_bytes", "CIO_BATCH_BUFFER_MAX_BYTES", int,
+        "Most bytes the batching buffer holds in the store (besides at most 100,000 operations); past "
+        "either, operations go alone (one request each), as when no drainer runs.",
+    ),
     Setting("rate_limit_track", "CIO_RATE_LIMIT_TRACK", float,
         "Most Track API requests per second for the whole cluster (Customer.io documents 100); 0: no limit.",
     ),
@@ -336,6 +341,7 @@ class Settings:
     batch_min_size: int = 20
     batch_max_operations: int = 1000
     batch_max_in_flight: int = 2
+    batch_buffer_max_bytes: int = 64 * 1024 * 1024
     rate_limit_track: float = 100.0
     rate_limit_transactional: float = 100.0
     rate_limit_headroom: float = 0.05
@@ -545,7 +551,7 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("max_retries", "must be 0 or more")
     if s.dead_letter_max < 1:
         raise ConfigurationError("dead_letter_max", "must be at least 1")
-    for name in ("dead_letter_max_bytes", "fallback_max_bytes"):
+    for name in ("dead_letter_max_bytes", "fallback_max_bytes", "batch_buffer_max_bytes"):
         if getattr(s, name) < 64 * 1024:
             raise ConfigurationError(name, "must be at least 65536 bytes")
     if s.visibility_timeout is not None and s.visibility_timeout < 2:

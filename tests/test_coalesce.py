@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
 
 from cio_celery.coalesce import _BUFFER_LUA, in_flight_key
+from cio_celery.fallback import Fallback
 from cio_celery.health import batching_figures
 from cio_celery.idempotency import Claims
 from cio_celery.ledger import Ledger
-from cio_celery.settings import settings_for_app
+from cio_celery.settings import build_settings, settings_for_app
 from cio_celery.store import redis_for
 from cio_celery.testing import FakeCustomerIO
 from tests.chaos_harness import Cluster, chaos_cluster, wait_all_applied
@@ -49,6 +53,7 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
         c.fake.set_latency(0.03)
         started = time.monotonic()
         c.enqueue_track(n)
+        held = _buffer_snapshot(c)
         took = wait_all_applied(c, n, timeout=120)
         time.sleep(1.0)
         applied = c.applied()
@@ -57,6 +62,11 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
         batch_items = sum(len(r.json["batch"]) for r in c.fake.requests if r.operation == "batch")
         assert kinds["batch"] >= 1
         assert batch_items >= n * 0.8, f"most operations went in batches: {kinds}, {batch_items} batch items"
+        # The buffer's byte count (its cap's measure) is what it held, and nothing once drained.
+        assert held is not None, "the buffer was seen holding operations"
+        assert held[0] == held[1] > 0, held
+        store = redis.Redis.from_url(c.store_url)
+        assert int(store.get("{cio}:coalesce:bytes") or 0) == 0 and store.llen("{cio}:coalesce") == 0
         # batch_min_size 20: a batch leaves smaller only when the linger ended first.
         assert batch_items / kinds["batch"] >= 10, "operations per batch request"
         assert len(c.fake.requests) < n / 10
@@ -68,6 +78,21 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
         print(f"\n{n} track past the limit: {kinds}, {batch_items} operations in batches, "
               f"{batch_items / kinds['batch']:.0f} per batch, {n / (time.monotonic() - started):.0f} ops/s, "
               f"all applied {took:.1f} s after the enqueue")
+
+
+def _buffer_snapshot(c: Cluster, timeout: float = 10.0) -> tuple[int, int] | None:
+    """(bytes the buffer holds, its byte count), read atomically while it holds something."""
+    store = redis.Redis.from_url(c.store_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pipe = store.pipeline(transaction=True)
+        pipe.lrange("{cio}:coalesce", 0, -1)
+        pipe.get("{cio}:coalesce:bytes")
+        entries, count = pipe.execute()
+        if entries:
+            return sum(len(e) for e in entries), int(count or 0)
+        time.sleep(0.005)
+    return None
 
 
 def test_at_most_batch_max_in_flight_batches_are_delivered_at_once() -> None:
@@ -159,3 +184,28 @@ def test_the_arrivals_count_keeps_two_seconds_whatever_the_gaps(store: redis.Red
     assert script(keys=[arrivals], args=[2_000_001, 2_000_001]) == 2  # the second before counted
     assert sorted(store.hkeys(arrivals)) == [b"2000000", b"2000001"]
     assert 0 < store.ttl(arrivals) <= 5
+
+
+def test_a_batch_whose_publish_fails_frees_its_in_flight_place_and_stays_in_the_buffer(
+    store_url: str, store: redis.Redis
+) -> None:
+    # A buffer of three operations, a cap of one batch in flight, and a producer whose broker
+    # refuses connections: the publish fails after the batch took its place in the set.
+    s = build_settings({"redis_url": store_url, "key_prefix": "pubfail", "batch_max_in_flight": 1}, environ={})
+    raws = [json.dumps({"operation": "track", "task_id": f"t-{i}", "kwargs": {"_cio": {"key": f"k-{i}"}},
+                        "args": [f"user-{i}", "x", {"seq": i}, f"01JD00000000000000000000{i:02d}", None]})
+            for i in range(3)]
+    store.rpush("{pubfail}:coalesce", *raws)
+    store.set("{pubfail}:coalesce:bytes", sum(len(r) for r in raws))
+    dead = Celery("pubfail-dead", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    dead.conf.update(task_publish_retry=False, broker_connection_timeout=0.5, broker_connection_retry=False)
+    with pytest.raises(OperationalError):
+        Fallback(s, dead, buffer="coalesce").release(10, batch=True, counted=True, max_batches=1)
+    assert store.zcard(in_flight_key(s)) == 0, "a batch never published holds no place"
+    assert store.lrange("{pubfail}:coalesce", 0, -1) == [r.encode() for r in raws], "nothing left the buffer"
+    assert int(store.get("{pubfail}:coalesce:bytes") or 0) == sum(len(r) for r in raws)
+    # The next tick's publish goes through: one place taken (until its task ends), the buffer empty.
+    live = Celery("pubfail-live", broker=store_url, set_as_current=False)
+    assert Fallback(s, live, buffer="coalesce").release(10, batch=True, counted=True, max_batches=1) == 3
+    assert store.zcard(in_flight_key(s)) == 1
+    assert store.llen("{pubfail}:coalesce") == 0 and int(store.get("{pubfail}:coalesce:bytes") or 0) == 0

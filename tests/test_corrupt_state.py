@@ -234,3 +234,30 @@ def test_callers_cannot_write_the_metadata_or_pick_a_serializer(worker_app: Any,
 def test_configuration_and_enqueue_errors_can_be_unpickled(exc: Exception) -> None:
     back = pickle.loads(pickle.dumps(exc))
     assert type(back) is type(exc) and str(back) == str(exc)
+
+
+@pytest.mark.parametrize("damage", ["not a number", "another type"])
+def test_a_damaged_byte_count_of_the_fallback_neither_stops_parking_nor_releasing(
+    worker_app: Any, fake: FakeCustomerIO, store: redis.Redis, damage: str
+) -> None:
+    # Before, a park failed on a count of another type (WRONGTYPE) and every release ended in an
+    # error after its trim (DECRBY on a count that is not an integer).
+    s = settings_for_app(worker_app)
+    fallback = Fallback(s, worker_app)
+    count_key = key(s, "fallback", "ops", "bytes")
+
+    def spoil() -> None:
+        store.delete(count_key)
+        if damage == "another type":
+            store.hset(count_key, "x", "1")
+        else:
+            store.set(count_key, "1.5e")
+
+    fallback.park("track", "t-0", ["user-0", "parked", {"i": 0}, new_ulid(), None], {"_cio": {"key": "t-0"}})
+    spoil()  # before a park
+    fallback.park("track", "t-1", ["user-1", "parked", {"i": 1}, new_ulid(), None], {"_cio": {"key": "t-1"}})
+    spoil()  # before a release
+    assert fallback.release(1) == 1
+    assert fallback.release(10) == 1 and fallback.depth() == 0
+    assert store.get(count_key) == b"0"
+    fake.wait_for_applied(2, timeout=15)

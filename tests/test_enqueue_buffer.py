@@ -221,13 +221,15 @@ def test_a_call_with_options_gets_its_own_message(r: Rig) -> None:
     wait_applied(r, 3)
 
 
-def ask(r: Rig, settings: Any) -> int:
+def ask(r: Rig, settings: Any, blob: str = "") -> int:
     """The store's answer to one append (the script itself: 0 declines, 1 appended), so that a
     decline is told apart from a store error (which buffer_at_enqueue also answers with False)."""
+    data: dict[str, Any] = {"seq": 99, **({"blob": blob} if blob else {})}
     entry = json.dumps({"operation": "track", "task_id": "t-ask", "kwargs": {"_cio": {"key": "k-ask"}},
-                        "args": ["user-99", "x", {"seq": 99}, "01JD0000000000000000000099", None]})
+                        "args": ["user-99", "x", data, "01JD0000000000000000000099", None]})
     plan = coalesce._plan_for(settings)
-    return int(run_script(settings, coalesce._ENQUEUE, plan.keys, [entry, plan.rate, coalesce.COALESCE_MAX]))
+    return int(run_script(settings, coalesce._ENQUEUE, plan.keys,
+                          [entry, plan.rate, coalesce.COALESCE_MAX, settings.batch_buffer_max_bytes]))
 
 
 def test_with_the_breaker_open_or_its_state_damaged_the_store_declines(r: Rig) -> None:
@@ -289,3 +291,21 @@ def test_a_store_that_does_not_answer_costs_a_call_at_most_a_tenth_of_a_second(r
     assert rest < 1.0, f"nine calls that did not ask the store took {rest:.3f} s"
     assert coalesce._plan_for(settings).not_before - time.monotonic() > 20, "it stopped asking"
     wait_applied(r, 10, timeout=60)
+
+
+def test_past_the_buffers_byte_cap_the_store_declines_and_counts_what_it_holds(r: Rig) -> None:
+    # A buffer nobody drains (a prefix no worker uses, its drainer lease set by hand): entries of
+    # about 20 KB fill the 64 KiB cap on the fourth; the bytes key counts exactly what is held.
+    producer = r.producer_with(cio_key_prefix="capped", cio_batch_buffer_max_bytes=65536)
+    settings = settings_for_app(producer)
+    now = int(r.store.time()[0])
+    r.store.hset("{capped}:coalesce:arrivals", mapping={str(now + d): 1000 for d in range(-1, 30)})
+    r.store.set("{capped}:coalesce:drainer", "a-worker", px=30_000)
+    answers = [ask(r, settings, blob="x" * 20_000) for _ in range(5)]
+    assert answers == [1, 1, 1, 0, 0]
+    held = r.store.lrange("{capped}:coalesce", 0, -1)
+    assert len(held) == 3
+    assert int(r.store.get("{capped}:coalesce:bytes")) == sum(len(e) for e in held) <= 65536
+    assert ask(r, settings) == 1  # a small entry still fits
+    # Past the cap .delay() publishes as usual: nothing is lost.
+    assert not coalesce.buffer_at_enqueue(settings, "track", "t-big", ["user-1", "x", {"blob": "y" * 20_000}], {})
