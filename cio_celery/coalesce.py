@@ -40,9 +40,10 @@ of a second, not one a call), one whose store failed for ``ENQUEUE_BACKOFF`` sec
 
 Keys: ``{prefix}:coalesce`` (list of entries, as parked ones), ``{prefix}:coalesce:since`` (ms
 when the buffer last became non-empty), ``{prefix}:coalesce:arrivals`` (hash: unix second ->
-arrivals), ``{prefix}:coalesce:drainer`` (the drainer's lease), ``{prefix}:coalesce:inflight``
-(sorted set: the task ids of the buffer's batches being delivered -> when each is presumed over;
-at most ``batch_max_in_flight`` of them).
+arrivals), ``{prefix}:coalesce:bytes`` (the bytes the list holds, counted by every append and
+every trim, against ``batch_buffer_max_bytes``), ``{prefix}:coalesce:drainer`` (the drainer's
+lease), ``{prefix}:coalesce:inflight`` (sorted set: the task ids of the buffer's batches being
+delivered -> when each is presumed over; at most ``batch_max_in_flight`` of them).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from .fallback import Fallback
 from .limiter import Limiter
 from .operations import BATCHABLE
 from .settings import Settings
-from .store import ScriptCall, key, run_script
+from .store import READ_COUNT_LUA, ScriptCall, key, run_script
 
 __all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "buffer_at_enqueue", "buffered_at_enqueue", "coalescing"]
 
@@ -88,7 +89,7 @@ def coalescing(settings: Settings, limiter: Limiter) -> bool:
 
 # The buffer's bookkeeping, shared by the workers' admission and the callers' append, so that
 # both count arrivals and start the buffer's age the same way. ``t`` is a Redis TIME answer.
-_BUFFER_LUA = """
+_BUFFER_LUA = READ_COUNT_LUA + """
 local function time_ms(t)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
@@ -108,18 +109,11 @@ end
 local function arrived_before(arrivals, sec)
   return tonumber(redis.call('HGET', arrivals, tostring(sec - 1)) or '0') or 0
 end
--- The buffer's size in bytes, as its appends and the drainer's trims count it (a damaged
--- count reads 0 and is overwritten by the next append).
-local function buffer_bytes(bytes)
-  local v = redis.pcall('GET', bytes)
-  if type(v) ~= 'string' then return 0 end
-  return tonumber(v) or 0
-end
 -- Whether ``entry`` fits: fewer than ``max_n`` entries held, and (unless the buffer is empty,
 -- where the count restarts) at most ``max_bytes`` bytes with it. Past either, it goes alone.
 local function has_room(depth, bytes, entry, max_n, max_bytes)
   if depth >= max_n then return false end
-  return depth == 0 or buffer_bytes(bytes) + #entry <= max_bytes
+  return depth == 0 or read_count(bytes) + #entry <= max_bytes
 end
 -- Append ``entry`` and count its bytes; the buffer's age starts when it stops being empty.
 local function append(buffer, since, bytes, entry, t)
@@ -127,7 +121,7 @@ local function append(buffer, since, bytes, entry, t)
     redis.call('SET', since, tostring(time_ms(t)))
     redis.call('SET', bytes, tostring(#entry))
   else
-    redis.call('SET', bytes, tostring(buffer_bytes(bytes) + #entry))
+    redis.call('SET', bytes, tostring(read_count(bytes) + #entry))
   end
 end
 """

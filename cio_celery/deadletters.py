@@ -19,15 +19,15 @@ from typing import Any
 from .meta import internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import ScriptCall, key, redis_for, run_script
+from .store import READ_COUNT_LUA, ScriptCall, key, redis_for, run_script
 
 __all__ = ["DeadLetter", "DeadLetters", "is_full_error"]
 
 # Removes at most ``limit`` entries older than ``cutoff`` (unix s), oldest first; answers the
 # byte count left (not written back: the caller does) and how many were removed.
-_EXPIRE_LUA = """
+_EXPIRE_LUA = READ_COUNT_LUA + """
 local function expire(items, index, bytes_key, cutoff, limit)
-  local bytes = tonumber(redis.call('GET', bytes_key) or '0') or 0
+  local bytes = read_count(bytes_key)
   local expired = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
   for _, id in ipairs(expired) do
     bytes = bytes - redis.call('HSTRLEN', items, id)
@@ -49,8 +49,10 @@ EXPIRE_BATCH = 1000
 _ADD = _EXPIRE_LUA + f"""
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local bytes = expire(KEYS[1], KEYS[2], KEYS[3], t - tonumber(ARGV[3]), {EXPIRE_BATCH})
-local count = redis.call('ZCARD', KEYS[2])
+local cutoff = t - tonumber(ARGV[3])
+local bytes = expire(KEYS[1], KEYS[2], KEYS[3], cutoff, {EXPIRE_BATCH})
+-- Entries past their retention that this add left for later do not count against the cap.
+local count = redis.call('ZCOUNT', KEYS[2], '(' .. cutoff, '+inf')
 local existing = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 if existing == 0 and (count >= tonumber(ARGV[4]) or bytes + #ARGV[2] > tonumber(ARGV[5])) then
   redis.call('SET', KEYS[3], tostring(bytes))
@@ -73,13 +75,14 @@ return n
 """
 
 # KEYS: items, index, bytes. ARGV: id.
-_DELETE = """
+_DELETE = READ_COUNT_LUA + """
 local n = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if removed == 1 then
-  local left = redis.call('DECRBY', KEYS[3], n)
-  if left < 0 or redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SET', KEYS[3], '0') end
+  local left = read_count(KEYS[3]) - n
+  if left < 0 or redis.call('ZCARD', KEYS[2]) == 0 then left = 0 end
+  redis.call('SET', KEYS[3], tostring(left))
 end
 return removed
 """

@@ -20,7 +20,7 @@ from .exceptions import ValidationError
 from .meta import META_KEY, internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import ScriptCall, key, redis_for, run_script
+from .store import READ_COUNT_LUA, ScriptCall, key, redis_for, run_script
 from .validation import OPERATIONS
 
 __all__ = ["Fallback", "Releaser", "check_entry", "read_entry"]
@@ -36,14 +36,12 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
 # KEYS: list, byte count. ARGV: max bytes (0: no cap), entries. All or none: entries that would
 # pass the cap are refused with a FALLBACKFULL error (the caller keeps them and tries later).
-_PARK = """
+_PARK = READ_COUNT_LUA + """
 local max = tonumber(ARGV[1])
 local depth = redis.call('LLEN', KEYS[1])
 if #ARGV == 1 then return depth end
--- A damaged count (not a number, another type) reads 0 and is overwritten below.
-local held = redis.pcall('GET', KEYS[2])
-local bytes = type(held) == 'string' and tonumber(held) or 0
-if depth == 0 or bytes < 0 then bytes = 0 end
+local bytes = read_count(KEYS[2])
+if depth == 0 then bytes = 0 end
 local add = 0
 for i = 2, #ARGV do add = add + #ARGV[i] end
 if max > 0 and depth > 0 and bytes + add > max then
@@ -54,14 +52,18 @@ redis.call('SET', KEYS[2], tostring(bytes + add))
 return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
-# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes.
-_TRIM = """
+# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes, the head entry as
+# it was read. Trims only if the list still starts with that entry; else answers -1 and trims
+# nothing. Two releasers can read the same head (a lease that ran out during a slow publish, or
+# `cio fallback release` beside a worker): trimming by count, the second trim removed entries
+# that nobody had published. Entries left in place are published again by the next release; their
+# claims make each copy one delivery.
+_TRIM = READ_COUNT_LUA + """
 local n = tonumber(ARGV[1])
-if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
--- A damaged count (not a number, another type) reads 0 and is overwritten. DECRBY failed on it,
--- after the LTRIM had run, so every tick that released something ended in an error.
-local held = redis.pcall('GET', KEYS[2])
-local left = (type(held) == 'string' and tonumber(held) or 0) - tonumber(ARGV[2])
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[3] then return -1 end
+redis.call('LTRIM', KEYS[1], n, -1)
+-- A damaged count reads 0 and is overwritten (DECRBY failed on it, after the LTRIM had run).
+local left = read_count(KEYS[2]) - tonumber(ARGV[2])
 if left < 0 or redis.call('LLEN', KEYS[1]) == 0 then left = 0 end
 redis.call('SET', KEYS[2], tostring(left))
 return n
@@ -158,8 +160,10 @@ class Fallback:
         500 KB / ``batch_max_operations`` each (see batching.py); the others one by one. An
         entry that cannot be read goes to the quarantine, one that no longer validates to dead
         letters, so that neither stops the ones behind it. Entries are removed (a prefix of the
-        list) only once handled; a crash in between publishes them twice, which the idempotency
-        claim turns into one delivery. Returns how many were removed. ``counted``: each batch
+        list) only once handled, and only if the list still starts where this release read it
+        (another releaser may have read and removed the same head meanwhile: this one then
+        removes nothing); a crash in between, or that race, publishes them twice, which the
+        idempotency claim turns into one delivery. Returns how many were removed. ``counted``: each batch
         counts against ``batch_max_in_flight`` from before its publish (and no longer if the
         publish fails); the batch task ends the count (see :func:`cio_celery.coalesce.batch_landed`).
         ``max_batches``: publish at most that many batches of the batching buffer (its groups are
@@ -223,8 +227,13 @@ class Fallback:
         finally:
             done = handled.index(False) if False in handled else len(handled)
             if done:
-                run_script(self.settings, _TRIM, [self._list, self._bytes],
-                           [done, sum(len(raw) for raw in raws[:done])])
+                trimmed = int(run_script(self.settings, _TRIM, [self._list, self._bytes],
+                                         [done, sum(len(raw) for raw in raws[:done]), raws[0]]))
+                if trimmed < 0:
+                    logger.warning("cio_celery %s: another releaser removed these %d entries first; they "
+                                   "may be published twice, each is delivered once", self.buffer, done,
+                                   extra={"cio_event": "release_overlapped", "cio_count": done})
+                    done = 0
         return done
 
     def _publish_or_dead_letter(self, entry: dict[str, Any]) -> None:
@@ -297,7 +306,11 @@ class Releaser:
         if not self.fallback.acquire_lease(self.token, max(3 * interval, 5.0)):
             return 0
         self._sweep()
-        self._expire_dead_letters()
+        try:
+            self._expire_dead_letters()
+        except Exception as exc:  # noqa: BLE001 - the dead letters' store is damaged or away: release anyway
+            logger.warning("cio_celery dead-letter expiry failed: %s", type(exc).__name__,
+                           extra={"cio_event": "dead_letter_expiry_failed", "cio_error": type(exc).__name__})
         if self.fallback.depth() == 0:
             return 0
         allowed, batch = self.fallback.release_allowed(self.breaker)
@@ -329,15 +342,17 @@ class Releaser:
         self._next_expiry = time.monotonic() + DEAD_LETTER_EXPIRY_INTERVAL
         dead = DeadLetters(self.fallback.settings, self.fallback.app)
         n = 0
-        for _ in range(10):
-            got = dead.expire(EXPIRE_BATCH)
-            n += got
-            if got < EXPIRE_BATCH:
-                break
-        self.expired += n
-        if n:
-            logger.info("cio_celery %d dead letters removed past their retention", n,
-                        extra={"cio_event": "dead_letters_expired", "cio_count": n})
+        try:
+            for _ in range(10):
+                got = dead.expire(EXPIRE_BATCH)
+                n += got
+                if got < EXPIRE_BATCH:
+                    break
+        finally:
+            self.expired += n
+            if n:
+                logger.info("cio_celery %d dead letters removed past their retention", n,
+                            extra={"cio_event": "dead_letters_expired", "cio_count": n})
 
     def run(self) -> None:
         interval = self.fallback.settings.fallback_release_interval

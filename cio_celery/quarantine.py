@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .settings import Settings
-from .store import key, redis_for, run_script
+from .store import READ_COUNT_LUA, key, redis_for, run_script
 
 __all__ = ["QUARANTINE_MAX", "Quarantine", "Quarantined"]
 
@@ -29,13 +29,13 @@ QUARANTINE_MAX = 10_000
 # KEYS: quarantine hash, quarantine index, source hash, source index, source byte count.
 # ARGV: id, entry JSON, time, cap, source id ('': no source to remove it from).
 # Moves atomically: the entry is in the quarantine before it leaves its source.
-_ADD = """
+_ADD = READ_COUNT_LUA + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[5] ~= '' then
   local n = redis.call('HSTRLEN', KEYS[3], ARGV[5])
   if redis.call('HDEL', KEYS[3], ARGV[5]) == 1 and KEYS[5] ~= KEYS[1] then
-    if redis.call('DECRBY', KEYS[5], n) < 0 then redis.call('SET', KEYS[5], '0') end
+    redis.call('SET', KEYS[5], tostring(math.max(0, read_count(KEYS[5]) - n)))
   end
   redis.call('ZREM', KEYS[4], ARGV[5])
 end

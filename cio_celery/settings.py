@@ -122,8 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
         "that would be parked is retried every minute instead, nothing dropped.",
     ),
     Setting("dead_letter_retention", "CIO_DEAD_LETTER_RETENTION", float,
-        "Seconds a dead letter is kept (removed within a minute past it by a running worker's releaser, "
-        "or by the next add).",
+        "Seconds a dead letter is kept: past it, the next add removes it, or a running worker's releaser "
+        "within a minute (10,000 a minute at most; a larger backlog takes a minute more a 10,000).",
     ),
     Setting("breaker_enabled", "CIO_BREAKER_ENABLED", _bool, "Guard every call with the shared breaker."),
     Setting("breaker_window", "CIO_BREAKER_WINDOW", float, "Sliding window of the failure rate, seconds."),
@@ -247,8 +247,9 @@ SETTINGS: tuple[Setting, ...] = (
         "worker processes stay free for sends and single operations; batches grow meanwhile); 0: no cap.",
     ),
     Setting("batch_buffer_max_bytes", "CIO_BATCH_BUFFER_MAX_BYTES", int,
-        "Most bytes the batching buffer holds in the store (besides at most 100,000 operations); past "
-        "either, operations go alone (one request each), as when no drainer runs.",
+        "Most bytes the batching buffer holds in the store (64 MiB; besides at most 100,000 operations); "
+        "past either, operations go alone (one request each), as when no drainer runs. An operation over "
+        "32,000 bytes always goes alone.",
     ),
     Setting("rate_limit_track", "CIO_RATE_LIMIT_TRACK", float,
         "Most Track API requests per second for the whole cluster (Customer.io documents 100); 0: no limit.",

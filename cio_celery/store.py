@@ -32,6 +32,7 @@ from .settings import Settings
 
 __all__ = [
     "CLUSTER_SCHEMES",
+    "READ_COUNT_LUA",
     "SHARDS",
     "ScriptCall",
     "combine",
@@ -59,6 +60,19 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # put 341 +- 15 of them on each of 3 masters; a store-wide read (the suppressed counters) is a
 # pipeline of 1,024 small commands.
 SHARDS = 1024
+
+
+# A Lua function for the byte counts kept beside capped lists and hashes (fallback, batching
+# buffer, dead letters): a non-negative integer, as the scripts write it. Anything else (damaged
+# by hand, another type, or "inf" and "nan", which Lua's tonumber reads as numbers) reads 0, and
+# the script that read it overwrites it with its own figure.
+READ_COUNT_LUA = """
+local function read_count(k)
+  local v = redis.pcall('GET', k)
+  if type(v) == 'string' and string.match(v, '^%d+$') then return tonumber(v) end
+  return 0
+end
+"""
 
 
 def is_cluster(settings: Settings) -> bool:

@@ -7,11 +7,13 @@ import itertools
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu.exceptions import OperationalError
 
 from cio_celery.coalesce import _BUFFER_LUA, in_flight_key
@@ -52,8 +54,11 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
     with chaos_cluster(workers=1, concurrency=4, **LIMITED) as c:
         c.fake.set_latency(0.03)
         started = time.monotonic()
-        c.enqueue_track(n)
-        held = _buffer_snapshot(c)
+        # Read while the operations arrive: the drainer may empty the buffer as soon as they stop.
+        with ThreadPoolExecutor(1) as pool:
+            snapshot = pool.submit(_buffer_snapshot, c, 60.0)
+            c.enqueue_track(n)
+            held = snapshot.result()
         took = wait_all_applied(c, n, timeout=120)
         time.sleep(1.0)
         applied = c.applied()
@@ -209,3 +214,41 @@ def test_a_batch_whose_publish_fails_frees_its_in_flight_place_and_stays_in_the_
     assert Fallback(s, live, buffer="coalesce").release(10, batch=True, counted=True, max_batches=1) == 3
     assert store.zcard(in_flight_key(s)) == 1
     assert store.llen("{pubfail}:coalesce") == 0 and int(store.get("{pubfail}:coalesce:bytes") or 0) == 0
+
+
+def test_two_releasers_that_read_the_same_head_lose_nothing(store_url: str, store: redis.Redis) -> None:
+    # A drainer's lease can run out during a slow publish, and another drainer (or
+    # `cio fallback release`) then reads the same head. Here the other one runs in full while the
+    # first publishes (Celery's before_task_publish signal), and six new operations arrive.
+    # Before, the first trimmed six more from the head by count: the six new ones, never published.
+    s = build_settings({"redis_url": store_url, "key_prefix": "overlap"}, environ={})
+    buffer, count = "{overlap}:coalesce", "{overlap}:coalesce:bytes"
+
+    def entry(i: int) -> bytes:
+        return json.dumps({"operation": "track", "task_id": f"t-{i}", "kwargs": {"_cio": {"key": f"k-{i}"}},
+                           "args": [f"user-{i}", "x", {"seq": i}, f"01JD00000000000000000000{i:02d}", None]}).encode()
+
+    first, later = [entry(i) for i in range(6)], [entry(i) for i in range(6, 12)]
+    store.rpush(buffer, *first)
+    store.set(count, sum(len(e) for e in first))
+    app = Celery("overlap", broker=store_url, set_as_current=False)
+    other = Fallback(s, app, buffer="coalesce")
+    ran: list[int] = []
+
+    def meanwhile(sender: Any = None, **_: Any) -> None:
+        if ran:
+            return
+        ran.append(other.release(10, batch=True))
+        store.rpush(buffer, *later)
+        store.incrby(count, sum(len(e) for e in later))
+
+    before_task_publish.connect(meanwhile, weak=False)
+    try:
+        done = Fallback(s, app, buffer="coalesce").release(10, batch=True)
+    finally:
+        before_task_publish.disconnect(meanwhile)
+    assert ran == [6]
+    assert done == 0, "the head it read was gone: it removed nothing"
+    assert store.lrange(buffer, 0, -1) == later
+    assert int(store.get(count) or 0) == sum(len(e) for e in later)
+    assert store.llen("cio.fallback") == 2  # the first six published twice: their claims make it once

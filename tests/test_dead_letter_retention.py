@@ -1,52 +1,85 @@
 """Dead letters hold customer data: they go once past ``dead_letter_retention`` whether or not a
 new dead letter arrives (before, only an add removed the old ones). A real redis-server; the
-releaser's tick is the one every worker runs (its thread is not started here)."""
+releaser's tick is the one every worker runs (its thread is not started here). Ages are set by
+moving an entry's score in the index (the time it failed), as ``tests/test_cli.py`` does."""
 
 from __future__ import annotations
 
 import time
 
 import redis
+from celery import Celery
 
 from cio_celery.deadletters import DeadLetters
 from cio_celery.fallback import Fallback, Releaser
 from cio_celery.settings import build_settings
 
+DAY = 86400.0
 
-def _add(letters: DeadLetters, task_id: str) -> None:
+
+def _add(letters: DeadLetters, store: redis.Redis, prefix: str, task_id: str, age: float = 0.0) -> None:
     letters.add(operation="track", task_id=task_id, reason="permanent", status=400, attempts=1,
                 args=["user-1", "bought", {"email": "someone@example.com"}], kwargs={})
+    if age:
+        store.zadd(f"{{{prefix}}}:dlq:index", {task_id: time.time() - age}, xx=True)
 
 
 def test_a_releaser_tick_removes_dead_letters_past_their_retention_and_keeps_the_rest(
     store_url: str, store: redis.Redis
 ) -> None:
     # Its own key prefix: no running worker's releaser holds this store's lease.
-    s = build_settings({"redis_url": store_url, "key_prefix": "dlqage", "dead_letter_retention": 2.0},
+    s = build_settings({"redis_url": store_url, "key_prefix": "dlqage", "dead_letter_retention": 30 * DAY},
                        environ={})
     letters = DeadLetters(s)
-    _add(letters, "old")
-    time.sleep(1.2)
-    _add(letters, "young")  # "old" is 1.2 s old: kept by this add
-    assert letters.count() == 2
-    time.sleep(1.0)  # "old" is 2.2 s old, "young" 1.0 s
+    _add(letters, store, "dlqage", "old", age=31 * DAY)
+    _add(letters, store, "dlqage", "young", age=29 * DAY)
+    _add(letters, store, "dlqage", "new")
     releaser = Releaser(Fallback(s), None)
     releaser.tick()
-    assert [e.id for e in letters.list()] == ["young"]
+    assert sorted(e.id for e in letters.list()) == ["new", "young"]
     assert releaser.expired == 1
-    young = store.hget("{dlqage}:dlq:items", "young")
-    assert young is not None
-    assert int(store.get("{dlqage}:dlq:bytes") or 0) == len(young)
-    assert store.hlen("{dlqage}:dlq:items") == 1
+    held = store.hvals("{dlqage}:dlq:items")
+    assert int(store.get("{dlqage}:dlq:bytes") or 0) == sum(len(v) for v in held)
 
 
-def test_expiry_removes_at_most_its_limit_oldest_first(store_url: str, store: redis.Redis) -> None:
-    s = build_settings({"redis_url": store_url, "key_prefix": "dlqlimit", "dead_letter_retention": 1.0},
+def test_expiry_removes_at_most_its_limit_a_call_oldest_first(store_url: str, store: redis.Redis) -> None:
+    s = build_settings({"redis_url": store_url, "key_prefix": "dlqlimit", "dead_letter_retention": DAY},
                        environ={})
     letters = DeadLetters(s)
     for i in range(5):
-        _add(letters, f"d{i}")
-    time.sleep(1.2)
-    assert [letters.expire(limit=2) for _ in range(4)] == [2, 2, 1, 0]
-    assert letters.count() == 0 and store.hlen("{dlqlimit}:dlq:items") == 0
-    assert int(store.get("{dlqlimit}:dlq:bytes") or 0) == 0
+        _add(letters, store, "dlqlimit", f"d{i}", age=(10 - i) * DAY)  # d0 the oldest
+    _add(letters, store, "dlqlimit", "kept")
+    assert letters.expire(limit=2) == 2
+    assert sorted(e.id for e in letters.list()) == ["d2", "d3", "d4", "kept"]
+    assert [letters.expire(limit=2) for _ in range(3)] == [2, 0, 0]
+    assert [e.id for e in letters.list()] == ["kept"]
+    assert int(store.get("{dlqlimit}:dlq:bytes") or 0) == len(store.hget("{dlqlimit}:dlq:items", "kept") or b"")
+
+
+def test_expired_entries_left_for_later_do_not_fill_the_cap(store_url: str, store: redis.Redis) -> None:
+    # An add removes at most 1,000 expired entries; the rest no longer count against the cap.
+    s = build_settings({"redis_url": store_url, "key_prefix": "dlqcap", "dead_letter_retention": DAY,
+                        "dead_letter_max": 1000}, environ={})
+    letters = DeadLetters(s)
+    pipe = store.pipeline()
+    for i in range(1500):
+        pipe.hset("{dlqcap}:dlq:items", f"x{i}", "{}")
+        pipe.zadd("{dlqcap}:dlq:index", {f"x{i}": time.time() - 2 * DAY})
+    pipe.execute()
+    _add(letters, store, "dlqcap", "fresh")  # before: DLQFULL (1,500 - 1,000 expired left >= 1,000)
+    assert letters.count() == 501
+    assert store.hexists("{dlqcap}:dlq:items", "fresh")
+
+
+def test_a_damaged_dead_letter_store_does_not_stop_the_fallback_release(
+    store_url: str, store: redis.Redis
+) -> None:
+    s = build_settings({"redis_url": store_url, "key_prefix": "dlqbad"}, environ={})
+    app = Celery("dlqbad", broker=store_url, set_as_current=False)
+    fallback = Fallback(s, app)
+    fallback.park("track", "t-1", ["user-1", "parked", {"i": 1}, "01JD0000000000000000000001", None],
+                  {"_cio": {"key": "t-1"}})
+    store.set("{dlqbad}:dlq:index", "not a sorted set")  # the expiry's ZRANGEBYSCORE fails on it
+    releaser = Releaser(fallback, None)
+    assert releaser.tick() == 1  # before: the error left tick() before the release
+    assert releaser.expired == 0 and fallback.depth() == 0
