@@ -17,11 +17,14 @@ from cio_celery.settings import build_settings
 DAY = 86400.0
 
 
-def _add(letters: DeadLetters, store: redis.Redis, prefix: str, task_id: str, age: float = 0.0) -> None:
+def _add(letters: DeadLetters, task_id: str) -> None:
     letters.add(operation="track", task_id=task_id, reason="permanent", status=400, attempts=1,
                 args=["user-1", "bought", {"email": "someone@example.com"}], kwargs={})
-    if age:
-        store.zadd(f"{{{prefix}}}:dlq:index", {task_id: time.time() - age}, xx=True)
+
+
+def _age(store: redis.Redis, prefix: str, ages: dict[str, float]) -> None:
+    """Move entries' failure times back (after every add: an add removes the expired ones)."""
+    store.zadd(f"{{{prefix}}}:dlq:index", {task_id: time.time() - age for task_id, age in ages.items()}, xx=True)
 
 
 def test_a_releaser_tick_removes_dead_letters_past_their_retention_and_keeps_the_rest(
@@ -31,9 +34,9 @@ def test_a_releaser_tick_removes_dead_letters_past_their_retention_and_keeps_the
     s = build_settings({"redis_url": store_url, "key_prefix": "dlqage", "dead_letter_retention": 30 * DAY},
                        environ={})
     letters = DeadLetters(s)
-    _add(letters, store, "dlqage", "old", age=31 * DAY)
-    _add(letters, store, "dlqage", "young", age=29 * DAY)
-    _add(letters, store, "dlqage", "new")
+    for task_id in ("old", "young", "new"):
+        _add(letters, task_id)
+    _age(store, "dlqage", {"old": 31 * DAY, "young": 29 * DAY})
     releaser = Releaser(Fallback(s), None)
     releaser.tick()
     assert sorted(e.id for e in letters.list()) == ["new", "young"]
@@ -46,12 +49,12 @@ def test_expiry_removes_at_most_its_limit_a_call_oldest_first(store_url: str, st
     s = build_settings({"redis_url": store_url, "key_prefix": "dlqlimit", "dead_letter_retention": DAY},
                        environ={})
     letters = DeadLetters(s)
-    for i in range(5):
-        _add(letters, store, "dlqlimit", f"d{i}", age=(10 - i) * DAY)  # d0 the oldest
-    _add(letters, store, "dlqlimit", "kept")
+    for task_id in ("d0", "d1", "d2", "d3", "d4", "kept"):
+        _add(letters, task_id)
+    _age(store, "dlqlimit", {f"d{i}": (10 - i) * DAY for i in range(5)})  # d0 the oldest
     assert letters.expire(limit=2) == 2
     assert sorted(e.id for e in letters.list()) == ["d2", "d3", "d4", "kept"]
-    assert [letters.expire(limit=2) for _ in range(3)] == [2, 0, 0]
+    assert [letters.expire(limit=2) for _ in range(3)] == [2, 1, 0]
     assert [e.id for e in letters.list()] == ["kept"]
     assert int(store.get("{dlqlimit}:dlq:bytes") or 0) == len(store.hget("{dlqlimit}:dlq:items", "kept") or b"")
 
@@ -66,7 +69,7 @@ def test_expired_entries_left_for_later_do_not_fill_the_cap(store_url: str, stor
         pipe.hset("{dlqcap}:dlq:items", f"x{i}", "{}")
         pipe.zadd("{dlqcap}:dlq:index", {f"x{i}": time.time() - 2 * DAY})
     pipe.execute()
-    _add(letters, store, "dlqcap", "fresh")  # before: DLQFULL (1,500 - 1,000 expired left >= 1,000)
+    _add(letters, "fresh")  # before: DLQFULL (1,500 - 1,000 expired left >= 1,000)
     assert letters.count() == 501
     assert store.hexists("{dlqcap}:dlq:items", "fresh")
 
