@@ -831,7 +831,7 @@ def fallback_release(ctx: click.Context, limit: int, force: bool, as_json: bool)
     if not fb.acquire_lease(token, _LEASE_SECONDS):
         _fail(ctx, EXIT_NOT_OK, "releaser_busy",
               "a worker's fallback releaser holds the lease and releases the parked operations itself; "
-              "nothing was released (two releasers at once would trim each other's entries). "
+              "nothing was released (two releasers at once would publish the same entries twice). "
               "Watch `cio status`, or run this with the workers stopped.", remaining=fb.depth())
     # Like the workers' releaser: batches only while the breaker is closed.
     batch = settings.batch_drain and closed
@@ -839,7 +839,9 @@ def fallback_release(ctx: click.Context, limit: int, force: bool, as_json: bool)
     try:
         with _publishing(ctx):
             while released < limit:
-                n = fb.release(min(_RELEASE_CHUNK, limit - released), batch=batch)
+                # Within half the lease, which is renewed between chunks.
+                n = fb.release(min(_RELEASE_CHUNK, limit - released), batch=batch,
+                               deadline=time.monotonic() + _LEASE_SECONDS / 2)
                 released += n
                 ctx.meta["cio_progress"] = f"at least {released} released before it failed; the rest stay parked"
                 if n == 0 or not fb.acquire_lease(token, _LEASE_SECONDS):

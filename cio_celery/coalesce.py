@@ -421,8 +421,10 @@ class Coalescer:
     def tick(self) -> int:
         """One round: hold the lease, drain one batch's worth when it is due; returns how many."""
         s = self.settings
-        if not self.buffer.acquire_lease(self.token, max(1.0, 20 * self.tick_interval)):
+        lease = max(1.0, 20 * self.tick_interval)
+        if not self.buffer.acquire_lease(self.token, lease):
             return -1
+        started = time.monotonic()
         # One script, not a pipeline: TIME names no key, which a cluster store cannot route.
         n, since, now_ms, flying = run_script(s, _PEEK, [self.buffer._list, self._since, self._in_flight], [])
         if not n:
@@ -445,7 +447,8 @@ class Coalescer:
                     return 0
         capped = bool(s.batch_max_in_flight)
         done = self.buffer.release(s.batch_max_operations, batch=True, counted=capped,
-                                   max_batches=s.batch_max_in_flight - int(flying) if capped else None)
+                                   max_batches=s.batch_max_in_flight - int(flying) if capped else None,
+                                   deadline=started + lease / 2)
         run_script(s, _RESINCE, [self.buffer._list, self._since], [])
         self.drained += done
         self.batches += 1 if done else 0

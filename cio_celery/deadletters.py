@@ -19,7 +19,7 @@ from typing import Any
 from .meta import internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import READ_COUNT_LUA, ScriptCall, key, redis_for, run_script
+from .store import READ_COUNT_LUA, ScriptCall, count_of, key, redis_for, run_script
 
 __all__ = ["DeadLetter", "DeadLetters", "is_full_error"]
 
@@ -52,7 +52,7 @@ local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local cutoff = t - tonumber(ARGV[3])
 local bytes = expire(KEYS[1], KEYS[2], KEYS[3], cutoff, {EXPIRE_BATCH})
 -- Entries past their retention that this add left for later do not count against the cap.
-local count = redis.call('ZCOUNT', KEYS[2], '(' .. cutoff, '+inf')
+local count = redis.call('ZCOUNT', KEYS[2], string.format('(%.17g', cutoff), '+inf')
 local existing = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 if existing == 0 and (count >= tonumber(ARGV[4]) or bytes + #ARGV[2] > tonumber(ARGV[5])) then
   redis.call('SET', KEYS[3], tostring(bytes))
@@ -262,7 +262,7 @@ class DeadLetters:
         pipe.zcard(self._index)
         pipe.get(self._bytes)
         count, used = pipe.execute()
-        return int(count), int(used or 0)
+        return int(count), count_of(used)
 
     def purge(
         self,

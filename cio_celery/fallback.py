@@ -20,7 +20,7 @@ from .exceptions import ValidationError
 from .meta import META_KEY, internal_publish
 from .quarantine import Quarantine
 from .settings import Settings
-from .store import READ_COUNT_LUA, ScriptCall, key, redis_for, run_script
+from .store import READ_COUNT_LUA, ScriptCall, count_of, key, redis_for, run_script
 from .validation import OPERATIONS
 
 __all__ = ["Fallback", "Releaser", "check_entry", "read_entry"]
@@ -52,22 +52,36 @@ redis.call('SET', KEYS[2], tostring(bytes + add))
 return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
-# KEYS: list, byte count. ARGV: how many to trim from the head, their bytes, the head entry as
-# it was read. Trims only if the list still starts with that entry; else answers -1 and trims
-# nothing. Two releasers can read the same head (a lease that ran out during a slow publish, or
-# `cio fallback release` beside a worker): trimming by count, the second trim removed entries
-# that nobody had published. Entries left in place are published again by the next release; their
-# claims make each copy one delivery.
+# KEYS: list, trim count. ARGV: how many. The head of the list and how many trims it has had,
+# read together: a release trims only if no other trim came between (see _TRIM).
+_HEAD = READ_COUNT_LUA + """
+return {redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1), read_count(KEYS[2])}
+"""
+
+# KEYS: list, byte count, trim count. ARGV: how many to trim from the head, their bytes, the head
+# entry as it was read, the trim count as it was read. Trims only if no trim came between the
+# read and now (and the head is the one read, for a releaser of an older version, which does
+# not count its trims); else answers -1 and trims nothing. Two releasers can read the same head
+# (a lease that ran out during a slow publish, or `cio fallback release` beside a worker):
+# trimming by count, the second trim removed entries that nobody had published. The head alone
+# is not enough: an entry parked again after its release can be the same bytes as the one read.
+# Entries left in place are published again by the next release, and their claims make each
+# copy one delivery.
 _TRIM = READ_COUNT_LUA + """
 local n = tonumber(ARGV[1])
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[3] then return -1 end
+if read_count(KEYS[3]) ~= tonumber(ARGV[4]) or redis.call('LINDEX', KEYS[1], 0) ~= ARGV[3] then
+  return -1
+end
 redis.call('LTRIM', KEYS[1], n, -1)
+redis.call('SET', KEYS[3], tostring(tonumber(ARGV[4]) + 1))
 -- A damaged count reads 0 and is overwritten (DECRBY failed on it, after the LTRIM had run).
 local left = read_count(KEYS[2]) - tonumber(ARGV[2])
 if left < 0 or redis.call('LLEN', KEYS[1]) == 0 then left = 0 end
 redis.call('SET', KEYS[2], tostring(left))
 return n
 """
+
+
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -82,6 +96,10 @@ def read_entry(raw: Any) -> tuple[dict[str, Any] | None, str]:
         return None, "not JSON"
     why = check_entry(entry)
     return (None, why) if why else (entry, "")
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 def check_entry(entry: Any) -> str:
@@ -122,6 +140,7 @@ class Fallback:
             self.queue = settings.fallback_queue
             self.max_bytes = settings.fallback_max_bytes
         self._bytes = f"{self._list}:bytes"
+        self._trims = f"{self._list}:trims"
 
     @property
     def _redis(self) -> Any:
@@ -147,23 +166,25 @@ class Fallback:
         pipe.llen(self._list)
         pipe.get(self._bytes)
         depth, used = pipe.execute()
-        return int(depth), int(used or 0)
+        return int(depth), count_of(used)
 
     def depth(self) -> int:
         return int(self._redis.llen(self._list))
 
     def release(self, limit: int, *, batch: bool = False, counted: bool = False,
-                max_batches: int | None = None) -> int:
+                max_batches: int | None = None, deadline: float | None = None) -> int:
         """Publish up to ``limit`` of the oldest parked operations to the fallback queue.
 
         With ``batch``, Track-API operations go in ``cio_celery.deliver_batch`` tasks of up to
         500 KB / ``batch_max_operations`` each (see batching.py); the others one by one. An
         entry that cannot be read goes to the quarantine, one that no longer validates to dead
         letters, so that neither stops the ones behind it. Entries are removed (a prefix of the
-        list) only once handled, and only if the list still starts where this release read it
-        (another releaser may have read and removed the same head meanwhile: this one then
-        removes nothing); a crash in between, or that race, publishes them twice, which the
-        idempotency claim turns into one delivery. Returns how many were removed. ``counted``: each batch
+        list) only once handled, and only if no other release trimmed the list since this one
+        read it (another releaser may have read and removed the same head meanwhile: this one
+        then removes nothing); a crash in between, or that race, publishes them twice, which the
+        idempotency claim turns into one delivery. Returns how many were removed. ``deadline``
+        (``time.monotonic()``): publish nothing more after it (the caller's lease is half gone);
+        what was handled is removed, the rest waits for the next release. ``counted``: each batch
         counts against ``batch_max_in_flight`` from before its publish (and no longer if the
         publish fails); the batch task ends the count (see :func:`cio_celery.coalesce.batch_landed`).
         ``max_batches``: publish at most that many batches of the batching buffer (its groups are
@@ -173,7 +194,7 @@ class Fallback:
             return 0
         if self.app is None:
             raise RuntimeError("Fallback needs the Celery app to release")
-        raws = self._redis.lrange(self._list, 0, limit - 1)
+        raws, trims = run_script(self.settings, _HEAD, [self._list, self._trims], [limit])
         handled = [False] * len(raws)
         entries: list[tuple[int, dict[str, Any]]] = []
         quarantine = Quarantine(self.settings)
@@ -204,6 +225,8 @@ class Fallback:
                 if max_batches is not None and not packed.singles:
                     groups = groups[:max(0, max_batches)]
                 for group in groups:
+                    if _past(deadline):
+                        break
                     task_id = str(uuid.uuid4())
                     if counted:
                         batch_publishing(self.settings, task_id)
@@ -218,20 +241,25 @@ class Fallback:
                     for e in group:
                         handled[index_of[id(e)]] = True
                 for e in packed.singles:
+                    if _past(deadline):
+                        break
                     self._publish_or_dead_letter(e)
                     handled[index_of[id(e)]] = True
             else:
                 for i, e in entries:
+                    if _past(deadline):
+                        break
                     self._publish_or_dead_letter(e)
                     handled[i] = True
         finally:
             done = handled.index(False) if False in handled else len(handled)
             if done:
-                trimmed = int(run_script(self.settings, _TRIM, [self._list, self._bytes],
-                                         [done, sum(len(raw) for raw in raws[:done]), raws[0]]))
+                trimmed = int(run_script(self.settings, _TRIM, [self._list, self._bytes, self._trims],
+                                         [done, sum(len(raw) for raw in raws[:done]), raws[0], trims]))
                 if trimmed < 0:
-                    logger.warning("cio_celery %s: another releaser removed these %d entries first; they "
-                                   "may be published twice, each is delivered once", self.buffer, done,
+                    logger.warning("cio_celery %s: another releaser trimmed the list while this one published "
+                                   "%d entries; they stay and are published again (with idempotency on, "
+                                   "each is delivered once)", self.buffer, done,
                                    extra={"cio_event": "release_overlapped", "cio_count": done})
                     done = 0
         return done
@@ -303,18 +331,23 @@ class Releaser:
         """One round: hold the lease, sweep the ledger when due, release what the breaker
         allows; returns how many were released."""
         interval = self.fallback.settings.fallback_release_interval
-        if not self.fallback.acquire_lease(self.token, max(3 * interval, 5.0)):
+        lease = max(3 * interval, 5.0)
+        if not self.fallback.acquire_lease(self.token, lease):
             return 0
-        self._sweep()
-        try:
-            self._expire_dead_letters()
-        except Exception as exc:  # noqa: BLE001 - the dead letters' store is damaged or away: release anyway
-            logger.warning("cio_celery dead-letter expiry failed: %s", type(exc).__name__,
-                           extra={"cio_event": "dead_letter_expiry_failed", "cio_error": type(exc).__name__})
+        started = time.monotonic()
+        for step, event in ((self._sweep, "ledger_sweep_failed"),
+                            (self._expire_dead_letters, "dead_letter_expiry_failed")):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - damaged or away: the release goes on
+                logger.warning("cio_celery %s: %s", event, type(exc).__name__,
+                               extra={"cio_event": event, "cio_error": type(exc).__name__})
         if self.fallback.depth() == 0:
             return 0
         allowed, batch = self.fallback.release_allowed(self.breaker)
-        n = self.fallback.release(allowed, batch=batch)
+        # Publish while the lease surely holds (it is not renewed during a release); the rest
+        # goes next tick.
+        n = self.fallback.release(allowed, batch=batch, deadline=started + lease / 2)
         self.released += n
         if n:
             logger.info("cio_celery fallback released %d operations", n,

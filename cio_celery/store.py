@@ -36,6 +36,7 @@ __all__ = [
     "SHARDS",
     "ScriptCall",
     "combine",
+    "count_of",
     "is_cluster",
     "key",
     "redis_for",
@@ -73,6 +74,16 @@ local function read_count(k)
   return 0
 end
 """
+
+
+def count_of(value: Any) -> int:
+    """A byte count read in Python, as ``read_count`` reads it in Lua (anything but a
+    non-negative integer is 0)."""
+    try:
+        n = int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+    return max(0, n)
 
 
 def is_cluster(settings: Settings) -> bool:

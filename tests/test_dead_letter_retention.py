@@ -60,17 +60,17 @@ def test_expiry_removes_at_most_its_limit_a_call_oldest_first(store_url: str, st
 
 
 def test_expired_entries_left_for_later_do_not_fill_the_cap(store_url: str, store: redis.Redis) -> None:
-    # An add removes at most 1,000 expired entries; the rest no longer count against the cap.
+    # An add removes at most 1,000 expired entries; the 1,500 left no longer count against the cap.
     s = build_settings({"redis_url": store_url, "key_prefix": "dlqcap", "dead_letter_retention": DAY,
                         "dead_letter_max": 1000}, environ={})
     letters = DeadLetters(s)
     pipe = store.pipeline()
-    for i in range(1500):
+    for i in range(2500):
         pipe.hset("{dlqcap}:dlq:items", f"x{i}", "{}")
         pipe.zadd("{dlqcap}:dlq:index", {f"x{i}": time.time() - 2 * DAY})
     pipe.execute()
-    _add(letters, "fresh")  # before: DLQFULL (1,500 - 1,000 expired left >= 1,000)
-    assert letters.count() == 501
+    _add(letters, "fresh")  # before: DLQFULL (2,500 - 1,000 = 1,500 expired left counted, >= 1,000)
+    assert letters.count() == 1501
     assert store.hexists("{dlqcap}:dlq:items", "fresh")
 
 
