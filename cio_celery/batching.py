@@ -46,7 +46,7 @@ from .outcomes import Retry as RetryOutcome
 from .quarantine import Quarantine
 from .settings import Settings, settings_for_app
 from .store import combine, key, redis_for, run_pipelined
-from .validation import normalize
+from .validation import BATCH_OPERATION_MAX_BYTES, normalize
 
 __all__ = ["BATCHABLE", "BATCH_TASK", "pack", "to_v2"]
 
@@ -55,7 +55,7 @@ logger = logging.getLogger("cio_celery.batch")
 BATCH_TASK = "cio_celery.deliver_batch"
 
 BATCH_MAX_BYTES = 500_000
-ITEM_MAX_BYTES = 32_000
+ITEM_MAX_BYTES = BATCH_OPERATION_MAX_BYTES
 _FRAMING = len('{"batch":[]}')
 
 

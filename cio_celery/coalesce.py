@@ -62,6 +62,7 @@ from .limiter import Limiter
 from .operations import BATCHABLE
 from .settings import Settings
 from .store import READ_COUNT_LUA, ScriptCall, key, run_script
+from .validation import BATCH_OPERATION_MAX_BYTES
 
 __all__ = ["CLAIM_LATER", "Coalescer", "admit_call", "buffer_at_enqueue", "buffered_at_enqueue", "coalescing"]
 
@@ -70,9 +71,9 @@ logger = logging.getLogger("cio_celery.coalesce")
 # Most operations the buffer holds; past it they go alone (a drainer is missing or far behind).
 # Its bytes are capped too, by the setting ``batch_buffer_max_bytes``.
 COALESCE_MAX = 100_000
-# Entries larger than this go alone (published as usual, or delivered by the worker that holds
-# them): a batch item may be 32 KB at most, so the drainer would send them alone anyway.
-MAX_ENTRY = 32_000
+# Entries larger than a batch item may be go alone (published as usual, or delivered by the
+# worker that holds them): the drainer would send them alone anyway.
+MAX_ENTRY = BATCH_OPERATION_MAX_BYTES
 
 # On a Redis Cluster store the admission script runs without the claim (another slot): this
 # stands in for it, and the operation that goes alone claims in a second round trip.

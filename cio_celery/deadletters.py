@@ -26,6 +26,10 @@ __all__ = ["DeadLetter", "DeadLetters", "is_full_error"]
 # Removes at most ``limit`` entries older than ``cutoff`` (unix s), oldest first; answers the
 # byte count left (not written back: the caller does) and how many were removed.
 _EXPIRE_LUA = READ_COUNT_LUA + """
+local function now_s()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) + tonumber(now[2]) / 1000000
+end
 local function expire(items, index, bytes_key, cutoff, limit)
   local bytes = read_count(bytes_key)
   local expired = redis.call('ZRANGEBYSCORE', index, '-inf', cutoff, 'LIMIT', 0, limit)
@@ -47,8 +51,7 @@ EXPIRE_BATCH = 1000
 # pass either cap is refused with a DLQFULL error (nothing written, nothing dropped: the caller
 # keeps the operation and tries later). The byte count follows every write and removal.
 _ADD = _EXPIRE_LUA + f"""
-local now = redis.call('TIME')
-local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local t = now_s()
 local cutoff = t - tonumber(ARGV[3])
 local bytes = expire(KEYS[1], KEYS[2], KEYS[3], cutoff, {EXPIRE_BATCH})
 -- Entries past their retention that this add left for later do not count against the cap.
@@ -67,9 +70,7 @@ return t
 
 # KEYS: items, index, bytes. ARGV: retention s, limit. Answers how many entries it removed.
 _EXPIRE = _EXPIRE_LUA + """
-local now = redis.call('TIME')
-local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local bytes, n = expire(KEYS[1], KEYS[2], KEYS[3], t - tonumber(ARGV[1]), tonumber(ARGV[2]))
+local bytes, n = expire(KEYS[1], KEYS[2], KEYS[3], now_s() - tonumber(ARGV[1]), tonumber(ARGV[2]))
 if n > 0 then redis.call('SET', KEYS[3], tostring(bytes)) end
 return n
 """

@@ -85,6 +85,12 @@ def test_past_the_limit_operations_leave_in_batches_each_applied_once() -> None:
               f"all applied {took:.1f} s after the enqueue")
 
 
+def _buffer_entry(i: int) -> bytes:
+    """A batching buffer entry as the admission writes it: a track operation with its metadata."""
+    return json.dumps({"operation": "track", "task_id": f"t-{i}", "kwargs": {"_cio": {"key": f"k-{i}"}},
+                       "args": [f"user-{i}", "x", {"seq": i}, f"01JD00000000000000000000{i:02d}", None]}).encode()
+
+
 def _buffer_snapshot(c: Cluster, timeout: float = 10.0) -> tuple[int, int] | None:
     """(bytes the buffer holds, its byte count), read atomically while it holds something."""
     # The package's own client: the store may be a Redis Cluster (test_chaos_cluster runs this
@@ -197,9 +203,7 @@ def test_a_batch_whose_publish_fails_frees_its_in_flight_place_and_stays_in_the_
     # A buffer of three operations, a cap of one batch in flight, and a producer whose broker
     # refuses connections: the publish fails after the batch took its place in the set.
     s = build_settings({"redis_url": store_url, "key_prefix": "pubfail", "batch_max_in_flight": 1}, environ={})
-    raws = [json.dumps({"operation": "track", "task_id": f"t-{i}", "kwargs": {"_cio": {"key": f"k-{i}"}},
-                        "args": [f"user-{i}", "x", {"seq": i}, f"01JD00000000000000000000{i:02d}", None]})
-            for i in range(3)]
+    raws = [_buffer_entry(i).decode() for i in range(3)]
     store.rpush("{pubfail}:coalesce", *raws)
     store.set("{pubfail}:coalesce:bytes", sum(len(r) for r in raws))
     dead = Celery("pubfail-dead", broker="redis://127.0.0.1:1/0", set_as_current=False)
@@ -227,13 +231,9 @@ def test_two_releasers_that_read_the_same_head_lose_nothing(store_url: str, stor
     s = build_settings({"redis_url": store_url, "key_prefix": "overlap"}, environ={})
     buffer, count = "{overlap}:coalesce", "{overlap}:coalesce:bytes"
 
-    def entry(i: int) -> bytes:
-        return json.dumps({"operation": "track", "task_id": f"t-{i}", "kwargs": {"_cio": {"key": f"k-{i}"}},
-                           "args": [f"user-{i}", "x", {"seq": i}, f"01JD00000000000000000000{i:02d}", None]}).encode()
-
-    first = [entry(i) for i in range(6)]
-    later = [entry(i) for i in range(6, 12)] if arrivals == "new operations" else \
-        [first[0]] + [entry(i) for i in range(6, 11)]
+    first = [_buffer_entry(i) for i in range(6)]
+    later = [_buffer_entry(i) for i in range(6, 12)] if arrivals == "new operations" else \
+        [first[0]] + [_buffer_entry(i) for i in range(6, 11)]
     store.rpush(buffer, *first)
     store.set(count, sum(len(e) for e in first))
     app = Celery("overlap", broker=store_url, set_as_current=False)
